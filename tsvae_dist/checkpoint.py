@@ -1,0 +1,77 @@
+"""Resumable checkpoints on any fsspec URL: atomic, keep >= 2, refuse a changed config.
+
+A checkpoint is one file `ckpt-<samples>.pt` written in a single atomic operation (temp file +
+rename locally, one PUT on object stores), so a file that exists is complete unless the storage
+itself broke it; a file that fails to load is skipped in favour of the previous one. The newest
+`keep` files are kept; older ones are deleted only after the new one is committed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from typing import Any
+
+import torch
+
+from tsvae_dist import storage
+from tsvae_dist.config import flatten
+from tsvae_dist.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
+
+
+class CheckpointStore:
+    """The checkpoints of one training stage, in one directory."""
+
+    def __init__(self, directory: str, keep: int = 2):
+        self.directory = directory
+        self.keep = keep
+
+    def _committed(self) -> list[tuple[int, str]]:
+        names = [(int(m.group(1)), n) for n in storage.listdir(self.directory) if (m := _NAME.match(n))]
+        return sorted(names)
+
+    def save(self, state: dict[str, Any], samples_seen: int) -> str:
+        """Write `state` atomically as the checkpoint at `samples_seen`; prune the oldest beyond `keep`."""
+        url = storage.join(self.directory, f"ckpt-{samples_seen:012d}.pt")
+        storage.makedirs(self.directory)
+        storage.write_bytes_atomic(url, storage.torch_save_bytes({**state, "complete": True}))
+        for _, name in self._committed()[: -self.keep]:
+            storage.remove(storage.join(self.directory, name))
+        return url
+
+    def load_latest(self) -> dict[str, Any] | None:
+        """The newest checkpoint that loads completely, or None. Broken files are skipped with a warning."""
+        for _, name in reversed(self._committed()):
+            url = storage.join(self.directory, name)
+            try:
+                state = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+            except Exception as e:  # a truncated or corrupt file: fall back to the previous one
+                log.warning("checkpoint %s is unreadable (%s); trying the previous one", url, e)
+                continue
+            if not isinstance(state, dict) or not state.get("complete"):
+                log.warning("checkpoint %s is incomplete; trying the previous one", url)
+                continue
+            state["url"] = url
+            return state
+        return None
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    a, b = flatten(saved), flatten(current)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<missing>") != b.get(k, "<missing>"))
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], url: str) -> None:
+    """Refuse to resume under a config whose result-changing keys differ from the checkpoint's."""
+    differ = config_differences(saved, current)
+    if differ:
+        raise CheckpointError(
+            f"{url}: refusing to resume under a changed config; differing keys: {', '.join(differ)} "
+            "(restore them, or start a new run_dir)"
+        )

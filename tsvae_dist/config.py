@@ -1,0 +1,230 @@
+"""The run configuration: typed dataclasses, registered as hydra structured configs.
+
+Each component owns its dataclass (`ModelConfig` in `models/`, `LoaderConfig` in `loader.py`); this
+module composes them into `RunConfig` and validates the whole before any job is submitted. The yaml
+files in `conf/` carry values only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from tsvae_dist.errors import ConfigError
+from tsvae_dist.loader import LoaderConfig
+from tsvae_dist.models.config import ModelConfig
+
+DATASETS = ("synthetic", "mnist", "fashion", "cifar10", "celeba64", "celeba128", "celeba256", "folder")
+PRECISIONS = ("fp32", "bf16", "fp16")
+STAGES = ("stage1", "encode", "stage2", "evaluate")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "synthetic"  # one of DATASETS; selects the paper's preset values in conf/dataset/
+    root: str = ""  # URL of the shard directory holding manifest.json; "" = <data_root>/<name>
+    channels: int = 3  # image channels the shards hold (1 for MNIST/Fashion, 3 otherwise)
+    resolution: int = 32  # image side in pixels the shards hold
+    synthetic_train: int = 8192  # synthetic only: training images built on first use
+    synthetic_test: int = 1024  # synthetic only: test images built on first use
+    synthetic_samples_per_shard: int = 512  # synthetic only: images per tar shard
+
+
+@dataclass
+class TrainConfig:
+    """One training stage (stage 1 or stage 2): optimisation, schedule, precision, checkpoints."""
+
+    batch_size: int = 64  # the *global* batch (the paper's); each rank gets batch_size / world_size
+    epochs: int = 400  # passes over the training split (the paper: 400 stage 1, 800 stage 2)
+    lr: float = 1e-4  # Adam learning rate at the start
+    lr_halve_every_epochs: int = 150  # step schedule: lr halves every this many epochs (paper: 150 / 300)
+    adam_beta1: float = 0.9  # Adam's beta1 (TF default, as in the paper's code)
+    adam_beta2: float = 0.999  # Adam's beta2
+    adam_eps: float = 1e-8  # Adam's epsilon
+    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast; loss terms with γ are always fp32
+    sync_bn: str = "auto"  # on | off | auto (on when the per-rank batch is below 64 and world > 1)
+    checkpoint_every_steps: int = 500  # save a resumable checkpoint every this many optimizer steps
+    keep_checkpoints: int = 2  # committed checkpoints kept (>= 2: the previous survives a bad write)
+    log_every_steps: int = 50  # metrics line (JSON + TensorBoard) every this many steps
+    progress_bar: bool = True  # tqdm bar on rank 0 (off in batch jobs that log to files)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)  # streaming data loader settings
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256  # global batch for encoding test images and generating samples
+    num_samples: int = 10_000  # generated samples per FID set (the paper: 10,000)
+    num_test: int = 10_000  # test images for reconstructions / reference statistics (capped by the split)
+    grid_images: int = 64  # images in each PNG sample grid
+    active_var_threshold: float = 0.1  # a latent dim is active when its mean posterior variance is below this
+    fid: str = "auto"  # auto (FID when weights are available, else say why in the report) | required | off
+    inception_weights: str = ""  # path or URL of pt_inception-2015-12-05-6726825d.pth ("" = none)
+    inception_sha256: str = ""  # expected SHA-256 of the weights ("" = taken from the file name's suffix)
+    cache_dir: str = ".cache/tsvae"  # where downloaded weights and reference statistics are cached
+
+
+@dataclass
+class GenerateConfig:
+    """`python -m tsvae_dist.generate`: samples from a finished run, on their own."""
+
+    mode: str = "stage2"  # stage2 (the Two-Stage VAE) | stage1 (z ~ N(0, I) into the decoder: the baseline)
+    num: int = 64  # number of samples; sample i is the same whatever the world or batch size
+    format: str = "png"  # png (one file per sample) | shards (WebDataset tar shards + manifest)
+    out: str = ""  # output URL; "" = <run_dir>/generate/<mode>
+    batch_size: int = 256  # samples decoded at once per rank
+    samples_per_shard: int = 1000  # format=shards: samples per tar shard
+
+
+@dataclass
+class ClusterConfig:
+    """Where the stage jobs run. Cluster facts (partitions, accounts) live in conf/cluster/*.yaml."""
+
+    name: str = "local"  # local (submitit's local executor) | slurm
+    nodes: int = 1  # nodes per distributed stage
+    tasks_per_node: int = 2  # processes per node (one per GPU when gpus_per_node > 0)
+    gpus_per_node: int = 0  # GPUs per node; 0 = CPU training with gloo
+    cpus_per_task: int = 1  # CPU cores per process (data loader workers run inside)
+    partition: str = ""  # Slurm partition ("" = the cluster default)
+    account: str = ""  # Slurm account ("" = none)
+    qos: str = ""  # Slurm QOS ("" = none)
+    constraint: str = ""  # Slurm --constraint ("" = none)
+    mem_gb: int = 0  # memory per node in GB (0 = the cluster default)
+    time_min: int = 60  # wall-clock limit per job in minutes; a job that reaches it is requeued
+    signal_delay_s: int = 120  # the preemption/time-limit signal comes this many seconds early
+    max_requeues: int = 20  # give up after this many requeues of one stage
+    extra_sbatch: dict[str, Any] = field(default_factory=dict)  # further sbatch options, key -> value
+    stage_overrides: dict[str, Any] = field(default_factory=dict)  # per stage: {evaluate: {nodes: 1}}
+    poll_s: float = 1.0  # how often the launcher polls job states
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"  # URL of the run directory: configs, checkpoints, artifacts, report
+    data_root: str = ".cache/data"  # URL under which datasets without an explicit root live
+    seed: int = 0  # seeds initialisation, data order and every noise draw
+    action: str = "run"  # run | dry_run | status | cancel
+    nodes: int = 1  # shorthand for cluster.nodes (`nodes=4` on the command line)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: TrainConfig = field(default_factory=TrainConfig)
+    stage2: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=800, lr_halve_every_epochs=300, batch_size=64)
+    )
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @property
+    def dataset_root(self) -> str:
+        from tsvae_dist import storage
+
+        return self.dataset.root or storage.join(self.data_root, self.dataset.name)
+
+    def world_size(self, stage: str) -> int:
+        """Processes of a stage's job: nodes x tasks per node, after per-stage overrides."""
+        c = stage_cluster(self.cluster, stage)
+        return c.nodes * c.tasks_per_node
+
+
+def stage_cluster(cluster: ClusterConfig, stage: str) -> ClusterConfig:
+    """The cluster settings of one stage: the defaults with `stage_overrides[stage]` applied."""
+    overrides = dict(cluster.stage_overrides.get(stage, {}) or {})
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ClusterConfig)}
+    if unknown:
+        raise ConfigError(f"cluster.stage_overrides.{stage}: unknown keys {sorted(unknown)}")
+    return dataclasses.replace(cluster, stage_overrides={}, **overrides)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_train(cfg: TrainConfig, name: str, world: int) -> None:
+    _check(cfg.batch_size > 0, f"{name}.batch_size: must be positive, got {cfg.batch_size}")
+    _check(
+        cfg.batch_size % world == 0,
+        f"{name}.batch_size: {cfg.batch_size} is not divisible by the world size {world} "
+        "(cluster.nodes x cluster.tasks_per_node)",
+    )
+    _check(cfg.epochs > 0, f"{name}.epochs: must be positive, got {cfg.epochs}")
+    _check(cfg.lr > 0, f"{name}.lr: must be positive, got {cfg.lr}")
+    _check(cfg.lr_halve_every_epochs > 0, f"{name}.lr_halve_every_epochs: must be positive")
+    _check(cfg.precision in PRECISIONS, f"{name}.precision: {cfg.precision!r} is not one of {PRECISIONS}")
+    _check(cfg.sync_bn in ("on", "off", "auto"), f"{name}.sync_bn: {cfg.sync_bn!r} is not on|off|auto")
+    _check(cfg.checkpoint_every_steps > 0, f"{name}.checkpoint_every_steps: must be positive")
+    _check(cfg.keep_checkpoints >= 2, f"{name}.keep_checkpoints: must be >= 2 so a bad write loses nothing")
+    _check(cfg.log_every_steps > 0, f"{name}.log_every_steps: must be positive")
+    try:
+        cfg.loader.validate(cfg.batch_size, world)
+    except ConfigError as e:
+        raise ConfigError(f"{name}.loader.{e}") from None
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check the whole configuration; raise ConfigError naming the first bad setting."""
+    _check(cfg.dataset.name in DATASETS, f"dataset.name: unknown dataset {cfg.dataset.name!r}; one of {DATASETS}")
+    _check(cfg.dataset.channels in (1, 3), f"dataset.channels: must be 1 or 3, got {cfg.dataset.channels}")
+    _check(cfg.action in ("run", "dry_run", "status", "cancel"), f"action: unknown action {cfg.action!r}")
+    _check(bool(cfg.run_dir), "run_dir: must be set")
+    cfg.model.validate(cfg.dataset.channels, cfg.dataset.resolution)
+
+    c = cfg.cluster
+    _check(c.name in ("local", "slurm"), f"cluster.name: {c.name!r} is not local|slurm")
+    for stage in STAGES:
+        sc = stage_cluster(c, stage)
+        where = f"cluster.stage_overrides.{stage}" if stage in c.stage_overrides else "cluster"
+        _check(sc.nodes >= 1, f"{where}.nodes: must be >= 1, got {sc.nodes}")
+        _check(sc.tasks_per_node >= 1, f"{where}.tasks_per_node: must be >= 1, got {sc.tasks_per_node}")
+        _check(sc.gpus_per_node >= 0, f"{where}.gpus_per_node: must be >= 0")
+        _check(
+            sc.gpus_per_node == 0 or sc.tasks_per_node == sc.gpus_per_node,
+            f"{where}.tasks_per_node: must equal gpus_per_node ({sc.gpus_per_node}): one task per GPU",
+        )
+        _check(c.name == "slurm" or sc.nodes == 1, f"{where}.nodes: cluster=local runs on one node")
+    validate_train(cfg.stage1, "stage1", cfg.world_size("stage1"))
+    validate_train(cfg.stage2, "stage2", cfg.world_size("stage2"))
+
+    e = cfg.eval
+    _check(e.fid in ("auto", "required", "off"), f"eval.fid: {e.fid!r} is not auto|required|off")
+    _check(e.num_samples > 0, "eval.num_samples: must be positive")
+    _check(e.num_test > 0, "eval.num_test: must be positive")
+    _check(e.batch_size > 0, "eval.batch_size: must be positive")
+    _check(e.grid_images > 0, "eval.grid_images: must be positive")
+    g = cfg.generate
+    _check(g.mode in ("stage1", "stage2"), f"generate.mode: {g.mode!r} is not stage1|stage2")
+    _check(g.format in ("png", "shards"), f"generate.format: {g.format!r} is not png|shards")
+    _check(g.num > 0, "generate.num: must be positive")
+    _check(g.batch_size > 0, "generate.batch_size: must be positive")
+    _check(g.samples_per_shard > 0, "generate.samples_per_shard: must be positive")
+
+
+def to_container(cfg: RunConfig) -> dict[str, Any]:
+    """A plain dict of primitives (for manifests, checkpoints and job pickles)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_container(data: Any) -> RunConfig:
+    """Rebuild a typed RunConfig from a dict or DictConfig, with type checks from the schema."""
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: for naming the keys that differ between two configs."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def register() -> None:
+    """Register RunConfig with hydra's ConfigStore as the schema `base_config`."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=RunConfig)

@@ -1,0 +1,75 @@
+"""Generate: N samples from a finished run, as PNG files or WebDataset image shards.
+
+`python -m tsvae_dist.generate run_dir=runs/synthetic generate.num=1000 [generate.mode=stage1]`
+(under torchrun or srun the ranks share the work). Sample i is keyed by (seed, i): the output
+does not depend on the world size or the batch size.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tsvae_dist import dist, manifest, storage
+from tsvae_dist.config import RunConfig
+from tsvae_dist.encode import load_model
+from tsvae_dist.sampling import png_bytes, sample_images, to_uint8_hwc
+
+
+def output_url(cfg: RunConfig) -> str:
+    return cfg.generate.out or storage.join(cfg.run_dir, "generate", cfg.generate.mode)
+
+
+def run(cfg: RunConfig) -> str:
+    """Write cfg.generate.num samples; returns the output URL."""
+    from shards.writer import write_shard
+    from tsvae_dist.shardformat import encode_image, write_manifest
+
+    g = cfg.generate
+    info = dist.init(use_gpu=cfg.cluster.gpus_per_node > 0)
+    stage1 = load_model(cfg, "stage1").to(info.device)
+    stage2 = load_model(cfg, "stage2").to(info.device) if g.mode == "stage2" else None
+    out = output_url(cfg)
+
+    def images(indices: list[int]):
+        batch = sample_images(g.mode, stage1, stage2, indices, cfg.model.latent_dim, cfg.seed, "generate",
+                              info.device)
+        return to_uint8_hwc(batch)
+
+    if g.format == "png":
+        mine = list(range(info.rank, g.num, info.world_size))
+        for start in range(0, len(mine), g.batch_size):
+            indices = mine[start:start + g.batch_size]
+            for i, pixels in zip(indices, images(indices)):
+                storage.write_bytes_atomic(storage.join(out, f"{i:06d}.png"), png_bytes(pixels))
+    else:  # shards: shard s holds samples [s * per_shard, (s + 1) * per_shard), shard s on rank s mod world
+        n_shards = -(-g.num // g.samples_per_shard)
+        for s in range(info.rank, n_shards, info.world_size):
+            indices = list(range(s * g.samples_per_shard, min((s + 1) * g.samples_per_shard, g.num)))
+            records = []
+            for start in range(0, len(indices), g.batch_size):
+                chunk = indices[start:start + g.batch_size]
+                records += [(f"sample-{i:08d}", {"png": encode_image(p)}) for i, p in zip(chunk, images(chunk))]
+            count, sha = write_shard(storage.join(out, "samples", f"shard-{s:06d}.tar"), records)
+            storage.write_text_atomic(storage.join(out, "samples", f"shard-{s:06d}.tar.done"),
+                                      json.dumps({"count": count, "sha256": sha}))
+        dist.barrier()
+        if info.is_main:
+            shards = []
+            for s in range(n_shards):
+                marker = json.loads(storage.read_text(storage.join(out, "samples", f"shard-{s:06d}.tar.done")))
+                shards.append({"name": f"samples/shard-{s:06d}.tar", **marker})
+            write_manifest(out, {
+                "format": "tsvae-shards/1", "name": f"{cfg.dataset.name}-{g.mode}-samples", "kind": "image",
+                "shape": [cfg.dataset.channels, cfg.dataset.resolution, cfg.dataset.resolution],
+                "dtype": "uint8", "splits": {"samples": {"count": g.num, "shards": shards}},
+                "source": {"run_dir": cfg.run_dir, "mode": g.mode, "seed": cfg.seed,
+                           "model": manifest.artifact(storage.join(manifest.stage_dir(cfg, "stage1"), "model.pt"))},
+            })
+    dist.barrier()
+    return out
+
+
+if __name__ == "__main__":
+    from tsvae_dist.cli import main
+
+    main(run)

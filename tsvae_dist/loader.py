@@ -1,0 +1,380 @@
+"""Deterministic streaming loader over tar shards, with exact mid-epoch resume.
+
+The sample order is a function of (seed, epoch) and the number of *streams* only, never of the
+world size or the worker count, so 1 and 2 ranks see the same global batches and a resumed run
+sees what the uninterrupted one would have. The pipeline, stage by stage:
+
+1. Shard order: each epoch the split's shard list is permuted with a generator seeded from
+   (seed, epoch): the same permutation on every rank, a new one every epoch.
+2. Dealing: the permuted list is dealt round-robin to `streams` streams (stream g gets shards
+   g, g+S, g+2S, ... of the permutation). Fewer shards than streams is refused up front.
+3. Streams: a stream reads its shards in order (whole-shard reads, SHA-256 and count checked against
+   the manifest) and shuffles the samples through a buffer seeded from (seed, epoch, stream, pass).
+   Each pass over its shards is drained completely before the next begins, so a pass is a full
+   shuffled permutation of the stream's samples.
+4. Equal length: every stream yields exactly `steps_per_epoch = split_count // global_batch`
+   micro-batches of `global_batch / streams` samples, i.e. N = steps_per_epoch · micro_batch
+   samples. A stream holding T ≥ N samples yields N distinct ones and leaves T − N unseen this
+   epoch (those that come last in its shuffled pass); a stream holding T < N yields all T and then
+   N − T again from a second shuffled pass (a third if needed, ...). Distinct samples per epoch are
+   therefore Σ_g min(N, T_g); it is every sample exactly once when the shards deal evenly (equal
+   sample totals per stream) and the split count is a multiple of the global batch. Which samples
+   are dropped or repeated changes every epoch with the shard permutation. Because every stream
+   has the same length, every rank yields the same number of batches (no DDP hang).
+5. Ranks and workers: rank r owns streams r·k ... r·k+k−1 (k = streams/world); its DataLoader
+   worker w serves the rank's streams w, w+W, ... and emits, for each step, one micro-batch per
+   stream in stream order. The DataLoader's in-order round-robin over workers then delivers the k
+   micro-batches of a step consecutively in stream order (each carries its (step, stream) tag and
+   the order is checked), and they are concatenated into the rank's batch for the step.
+6. Resume: `epoch(e, start_step=s)` makes every stream pass its first s·micro_batch samples through
+   the same shuffle without decoding them, then yields steps s, s+1, ...: the tail of `epoch(e)`.
+
+Decoding is PNG/JPEG through PIL and `.npy` with allow_pickle=False, nothing else (shardformat).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from tsvae_dist import shardformat
+from tsvae_dist.errors import ConfigError, DataError
+
+_START_METHODS = ("fork", "spawn", "forkserver")
+_SHARD_ORDER, _STREAM_SHUFFLE = 0, 1  # domain tags: keep the two random streams independent
+
+
+@dataclass
+class LoaderConfig:
+    """How samples are streamed; the global batch sequence depends only on `streams`, `shuffle_buffer`
+    and the seed (see the module docstring)."""
+
+    workers: int = 2
+    """DataLoader worker processes per rank; 0 reads in the training process itself."""
+    streams: int = 0
+    """Number of deterministic sample streams (0: world × max(workers, 1)). Each global batch is one
+    micro-batch of global_batch/streams samples from every stream, so keep this fixed to get the same
+    batches on any world size and worker count. Must be a multiple of the world size, a multiple of
+    `workers` per rank, divide the global batch, and not exceed the number of shards of the split."""
+    shuffle_buffer: int = 512
+    """Samples held by each stream's seeded shuffle buffer; 0 or 1 keeps the shard order."""
+    prefetch_factor: int = 2
+    """Micro-batches each worker prepares ahead (ignored when workers is 0)."""
+    start_method: str = "fork"
+    """How worker processes start: fork (fastest to start), spawn or forkserver."""
+
+    def resolve_streams(self, world: int) -> int:
+        """The number of streams actually used for `world` ranks."""
+        return self.streams if self.streams > 0 else world * max(self.workers, 1)
+
+    def validate(self, global_batch: int, world: int) -> None:
+        """Raise ConfigError when the settings cannot work for this batch and world.
+
+        Messages start with the bare field name (`streams: ...`); callers prefix the config path.
+        """
+        if self.workers < 0:
+            raise ConfigError(f"workers: must be >= 0, got {self.workers}")
+        if self.streams < 0:
+            raise ConfigError(f"streams: must be >= 0 (0 = world x workers), got {self.streams}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"prefetch_factor: must be >= 1, got {self.prefetch_factor}")
+        if self.start_method not in _START_METHODS:
+            raise ConfigError(f"start_method: unknown {self.start_method!r}; "
+                              f"choose one of {_START_METHODS}")
+        if world < 1:
+            raise ConfigError(f"streams: needs a world size >= 1, got {world}")
+        streams = self.resolve_streams(world)
+        if streams % world:
+            raise ConfigError(f"streams: {streams} is not a multiple of the world size {world}")
+        if self.workers and (streams // world) % self.workers:
+            raise ConfigError(f"streams: {streams // world} streams per rank ({streams} / world "
+                              f"{world}) is not a multiple of workers={self.workers}")
+        if global_batch < 1 or global_batch % streams:
+            raise ConfigError(f"streams: {streams} does not divide the global batch {global_batch}")
+
+
+def _rng(*ids: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(list(ids)))
+
+
+def deal_shards(shards: list[dict], streams: int, seed: int, epoch: int) -> list[list[dict]]:
+    """The shards of each stream for `epoch`: the (seed, epoch)-permuted list dealt round-robin."""
+    order = _rng(seed, epoch, _SHARD_ORDER).permutation(len(shards))
+    permuted = [shards[i] for i in order]
+    return [permuted[g::streams] for g in range(streams)]
+
+
+# ---------------------------------------------------------------------------------------------
+# One stream (module-level and plain data only, so worker processes can be spawned, not just forked)
+
+
+@dataclass(frozen=True)
+class _StreamSpec:
+    index: int  # global stream number: seeds its shuffle, tags its micro-batches
+    shards: tuple[tuple[str, str, int], ...]  # (url, sha256, count) in reading order
+
+
+@dataclass(frozen=True)
+class _EpochSpec:
+    kind: str
+    shape: tuple[int, ...]
+    seed: int
+    epoch: int
+    shuffle_buffer: int
+    micro_batch: int
+    steps: int
+    start_step: int
+
+
+def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """A seeded shuffle buffer of `size`, drained at the end (so the output is a permutation)."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list = []
+    draws = iter(())
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        try:
+            i = next(draws)
+        except StopIteration:  # draw indices in blocks: one numpy call per 1024 samples
+            draws = iter(rng.integers(0, size, 1024).tolist())
+            i = next(draws)
+        buf[i], item = item, buf[i]
+        yield item
+    for i in rng.permutation(len(buf)).tolist():
+        yield buf[i]
+
+
+def _pass_samples(spec: _StreamSpec) -> Iterator[tuple[str, dict[str, bytes], str]]:
+    for url, sha256, count in spec.shards:
+        for key, files in shardformat.iter_tar(url, sha256=sha256, count=count):
+            yield key, files, url
+
+
+def _stream_samples(spec: _StreamSpec, ep: _EpochSpec) -> Iterator[tuple[str, dict[str, bytes], str]]:
+    """Endless raw samples of one stream: shuffled pass after shuffled pass over its shards."""
+    for p in itertools.count():
+        rng = _rng(ep.seed, ep.epoch, _STREAM_SHUFFLE, spec.index, p)
+        yield from _shuffled(_pass_samples(spec), ep.shuffle_buffer, rng)
+
+
+def _stack(items: list[tuple[str, shardformat.Sample]], kind: str) -> dict:
+    """Keys and numpy arrays (uint8 images): what crosses the worker pipe. Plain arrays pickle
+    through the pipe faster than tensors go through shared memory at these sizes, and uint8 is a
+    quarter of the float32 bytes."""
+    names = ("image",) if kind == "image" else ("mu", "log_sigma")
+    out: dict = {"key": [k for k, _ in items]}
+    for name in names:
+        out[name] = np.stack([s[name] for _, s in items])
+    return out
+
+
+def _to_torch(batch: dict) -> dict:
+    out: dict = {"key": batch["key"]}
+    if "image" in batch:
+        out["image"] = torch.from_numpy(batch["image"]).to(torch.float32).div_(255.0)
+    else:
+        out["mu"] = torch.from_numpy(batch["mu"])
+        out["log_sigma"] = torch.from_numpy(batch["log_sigma"])
+    return out
+
+
+def sample_tensors(sample: shardformat.Sample) -> dict[str, torch.Tensor]:
+    """One decoded sample as the loader's tensors: "image" float32 [C,H,W] in [0,1], or "mu" and
+    "log_sigma" float32 [κ]."""
+    if "image" in sample:
+        return {"image": torch.from_numpy(sample["image"]).to(torch.float32).div_(255.0)}
+    return {"mu": torch.from_numpy(sample["mu"]), "log_sigma": torch.from_numpy(sample["log_sigma"])}
+
+
+def collate(items: list[tuple[str, dict[str, torch.Tensor]]]) -> dict:
+    """A batch dict, as the loader yields, from (key, sample) pairs as `iter_split_shards` yields."""
+    out: dict = {"key": [k for k, _ in items]}
+    for name in items[0][1]:
+        out[name] = torch.stack([s[name] for _, s in items])
+    return out
+
+
+def _stream_microbatches(spec: _StreamSpec, ep: _EpochSpec) -> Iterator[dict]:
+    samples = _stream_samples(spec, ep)
+    # resume: the skipped samples go through the same reads and shuffle, but are not decoded
+    for _ in itertools.islice(samples, ep.start_step * ep.micro_batch):
+        pass
+    for step in range(ep.start_step, ep.steps):
+        items = [(key, shardformat.decode_sample(url, key, files, ep.kind, list(ep.shape)))
+                 for key, files, url in itertools.islice(samples, ep.micro_batch)]
+        batch = _stack(items, ep.kind)
+        batch["_step"], batch["_stream"] = step, spec.index
+        yield batch
+
+
+class _RankStreams(IterableDataset):
+    """The streams of one rank; in a DataLoader worker, only that worker's share of them."""
+
+    def __init__(self, streams: list[_StreamSpec], ep: _EpochSpec):
+        self.streams = streams
+        self.ep = ep
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        mine = self.streams if info is None else self.streams[info.id::info.num_workers]
+        producers = [_stream_microbatches(s, self.ep) for s in mine]
+        for _ in range(self.ep.start_step, self.ep.steps):
+            for producer in producers:
+                yield next(producer)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+
+
+class StreamLoader:
+    """Per-rank batches of a split, deterministic in (seed, epoch, streams); see the module docstring.
+
+    Attributes: `manifest` (the dataset's), `steps_per_epoch` (batches per epoch, equal on every
+    rank), `micro_batch` (samples per stream per step), `streams` (resolved stream count),
+    `batch_size` (samples per rank per step = global_batch / world).
+    """
+
+    def __init__(self, manifest_url_or_root: str, split: str, *, global_batch: int, rank: int, world: int,
+                 cfg: LoaderConfig, seed: int):
+        cfg.validate(global_batch, world)
+        if not 0 <= rank < world:
+            raise ConfigError(f"rank {rank} is outside the world of size {world}")
+        if seed < 0:
+            raise ConfigError(f"seed: must be >= 0, got {seed}")
+        self.root = shardformat.dataset_root(manifest_url_or_root)
+        self.manifest = shardformat.read_manifest(self.root)
+        if split not in self.manifest["splits"]:
+            raise DataError(f"{shardformat.manifest_url(self.root)}: splits.{split}: no such split; "
+                            f"have {sorted(self.manifest['splits'])}")
+        self.split = split
+        self.cfg = cfg
+        self.seed = seed
+        self.rank, self.world = rank, world
+        self.global_batch = global_batch
+        self.streams = cfg.resolve_streams(world)
+        self.micro_batch = global_batch // self.streams
+        self.batch_size = global_batch // world
+        self._per_rank = self.streams // world
+        entry = self.manifest["splits"][split]
+        self._shards = entry["shards"]
+        if len(self._shards) < self.streams:
+            raise ConfigError(f"loader.streams: {self.streams} streams but split {split!r} of {self.root} "
+                              f"has only {len(self._shards)} shards; use at most {len(self._shards)} streams "
+                              "(fewer ranks or workers) or re-shard with fewer samples per shard")
+        self.steps_per_epoch = entry["count"] // global_batch
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"global batch {global_batch} exceeds the {entry['count']} samples "
+                              f"of split {split!r}")
+
+    def epoch_plan(self, epoch: int) -> list[list[dict]]:
+        """The manifest shard entries each stream (all ranks) reads in `epoch`, in reading order."""
+        return deal_shards(self._shards, self.streams, self.seed, epoch)
+
+    def samples_per_stream(self) -> int:
+        """N, the samples every stream yields per epoch."""
+        return self.steps_per_epoch * self.micro_batch
+
+    def _rank_specs(self, epoch: int) -> list[_StreamSpec]:
+        plan = self.epoch_plan(epoch)
+        first = self.rank * self._per_rank
+        return [_StreamSpec(g, tuple((shardformat.shard_url(self.root, s["name"]), s["sha256"], s["count"])
+                                     for s in plan[g]))
+                for g in range(first, first + self._per_rank)]
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        """Batches start_step .. steps_per_epoch-1 of `epoch`, exactly as an uninterrupted pass yields them.
+
+        A batch: "key" (this rank's keys, in order) and "image" float32 [N,C,H,W] in [0,1] or
+        "mu", "log_sigma" float32 [N,κ]; N = global_batch / world.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside 0..{self.steps_per_epoch}")
+        specs = self._rank_specs(epoch)
+        ep = _EpochSpec(kind=self.manifest["kind"], shape=tuple(self.manifest["shape"]), seed=self.seed,
+                        epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer, micro_batch=self.micro_batch,
+                        steps=self.steps_per_epoch, start_step=start_step)
+        return self._batches(specs, ep)
+
+    def _batches(self, specs: list[_StreamSpec], ep: _EpochSpec) -> Iterator[dict]:
+        if ep.start_step == ep.steps:
+            return
+        dataset = _RankStreams(specs, ep)
+        if self.cfg.workers == 0:
+            source = iter(dataset)
+        else:
+            source = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
+                                     prefetch_factor=self.cfg.prefetch_factor,
+                                     multiprocessing_context=self.cfg.start_method))
+        for step in range(ep.start_step, ep.steps):
+            parts = [_next_part(source, step, spec.index) for spec in specs]
+            yield _concat(parts)
+
+
+def _next_part(source: Iterator[dict], step: int, stream: int) -> dict:
+    try:
+        part = next(source)
+    except StopIteration:
+        raise RuntimeError(f"loader: stream {stream} ended before step {step}") from None
+    except DataError as e:
+        # a worker's error arrives wrapped with its traceback: keep our one-line message
+        msg = str(e)
+        if "Original Traceback" in msg:
+            msg = msg.rsplit("DataError: ", 1)[-1].strip()
+        raise DataError(msg) from e
+    if (part["_step"], part["_stream"]) != (step, stream):
+        raise RuntimeError(f"loader: got step {part['_step']} of stream {part['_stream']}, "
+                           f"expected step {step} of stream {stream}")
+    return part
+
+
+def _concat(parts: list[dict]) -> dict:
+    batch: dict = {"key": [k for p in parts for k in p["key"]]}
+    for name in ("image", "mu", "log_sigma"):
+        if name in parts[0]:
+            batch[name] = parts[0][name] if len(parts) == 1 else np.concatenate([p[name] for p in parts])
+    return _to_torch(batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unshuffled access for encoding and evaluation
+
+
+def _decoded(url: str, shard: dict, kind: str, shape: list[int]
+             ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    for key, files in shardformat.iter_tar(url, sha256=shard["sha256"], count=shard["count"]):
+        yield key, sample_tensors(shardformat.decode_sample(url, key, files, kind, shape))
+
+
+def iter_split_shards(root: str, split: str, rank: int, world: int
+                      ) -> Iterator[tuple[str, Iterator[tuple[str, dict[str, torch.Tensor]]]]]:
+    """The shards of `split` assigned to `rank` (shard i to rank i % world), in manifest order, unshuffled.
+
+    Yields (shard name, iterator of (key, sample)); a sample is {"image": float32 [C,H,W] in [0,1]}
+    or {"mu", "log_sigma": float32 [κ]}, like one row of a loader batch; `collate` batches them.
+    Hash and sample count of each shard are checked against the manifest.
+    """
+    if not 0 <= rank < world:
+        raise ConfigError(f"rank {rank} is outside the world of size {world}")
+    root = shardformat.dataset_root(root)
+    manifest = shardformat.read_manifest(root)
+    if split not in manifest["splits"]:
+        raise DataError(f"{shardformat.manifest_url(root)}: splits.{split}: no such split; "
+                        f"have {sorted(manifest['splits'])}")
+    for i, shard in enumerate(manifest["splits"][split]["shards"]):
+        if i % world == rank:
+            url = shardformat.shard_url(root, shard["name"])
+            yield shard["name"], _decoded(url, shard, manifest["kind"], manifest["shape"])

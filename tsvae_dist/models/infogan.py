@@ -1,0 +1,80 @@
+"""The InfoGAN networks: the paper's neutral architecture (MNIST, Fashion, CIFAR-10, CelebA).
+
+Encoder: conv64 4×4 s2 lReLU(0.2) → conv128 4×4 s2 BN lReLU → fc1024 BN lReLU → fc 2κ, spectral
+norm on every encoder layer, σ = softplus(·) + 1e-6. Decoder: fc1024 BN ReLU → fc 128·(s/4)² BN
+ReLU → deconv64 4×4 s2 BN ReLU → deconv C 4×4 s2 (logits; the sigmoid is the caller's).
+The side goes s → s/2 → s/4 and back, so any s divisible by 4 works (28 → 14 → 7 is the paper's
+MNIST net); the fc layers grow as (s/4)², so large sides get expensive (see `resolution_error`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from .layers import init_normal, scaled
+
+# The dense layers next to the (s/4)² map hold 2·1024·128·(s/4)² weights: 67M params in all at 64 px,
+# 270M at 128, 1.1B at 256. We stop at 128; resnet is the family for larger images.
+MIN_RESOLUTION, MAX_RESOLUTION = 8, 128
+
+
+def resolution_error(resolution: int) -> str | None:
+    """Why this family cannot build `resolution`, or None when it can."""
+    if resolution % 4 or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+        return (
+            f"multiples of 4 from {MIN_RESOLUTION} to {MAX_RESOLUTION} (e.g. 28, 32, 64, 128; its dense "
+            "layers grow as side², 1.1B parameters at 256: use model.family=resnet there)"
+        )
+    return None
+
+
+def _sn(layer: nn.Module) -> nn.Module:
+    # Init first: spectral_norm reparametrises `weight`, keeping the raw tensor as `.original`.
+    return spectral_norm(init_normal(layer))
+
+
+class InfoGANEncoder(nn.Module):
+    def __init__(self, channels: int, resolution: int, latent_dim: int, width: float, bn_momentum: float):
+        super().__init__()
+        c1, c2, hidden = scaled(64, width), scaled(128, width), scaled(1024, width)
+        side = resolution // 4
+        self.latent_dim = latent_dim
+        self.conv1 = _sn(nn.Conv2d(channels, c1, 4, 2, 1))
+        self.conv2 = _sn(nn.Conv2d(c1, c2, 4, 2, 1))
+        self.bn2 = nn.BatchNorm2d(c2, momentum=bn_momentum)
+        self.fc3 = _sn(nn.Linear(c2 * side * side, hidden))
+        self.bn3 = nn.BatchNorm1d(hidden, momentum=bn_momentum)
+        self.fc4 = _sn(nn.Linear(hidden, 2 * latent_dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.leaky_relu(self.conv1(x), 0.2)
+        h = F.leaky_relu(self.bn2(self.conv2(h)), 0.2)
+        h = F.leaky_relu(self.bn3(self.fc3(h.flatten(1))), 0.2)
+        # The posterior head in fp32: softplus(·) + 1e-6 would round the 1e-6 away in bf16.
+        mu, pre_sigma = self.fc4(h).float().chunk(2, dim=1)
+        return mu, torch.log(F.softplus(pre_sigma) + 1e-6)
+
+
+class InfoGANDecoder(nn.Module):
+    def __init__(self, channels: int, resolution: int, latent_dim: int, width: float, bn_momentum: float):
+        super().__init__()
+        c1, c2, hidden = scaled(64, width), scaled(128, width), scaled(1024, width)
+        self.side = resolution // 4
+        self.c2 = c2
+        self.fc1 = init_normal(nn.Linear(latent_dim, hidden))
+        self.bn1 = nn.BatchNorm1d(hidden, momentum=bn_momentum)
+        self.fc2 = init_normal(nn.Linear(hidden, c2 * self.side * self.side))
+        self.bn2 = nn.BatchNorm1d(c2 * self.side * self.side, momentum=bn_momentum)
+        self.deconv3 = init_normal(nn.ConvTranspose2d(c2, c1, 4, 2, 1))
+        self.bn3 = nn.BatchNorm2d(c1, momentum=bn_momentum)
+        self.deconv4 = init_normal(nn.ConvTranspose2d(c1, channels, 4, 2, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.fc1(z)))
+        h = F.relu(self.bn2(self.fc2(h)))
+        h = h.view(-1, self.c2, self.side, self.side)
+        h = F.relu(self.bn3(self.deconv3(h)))
+        return self.deconv4(h)

@@ -1,0 +1,75 @@
+"""The WAE networks (the paper's Table 2, CelebA 64; from Tolstikhin et al.).
+
+Encoder: conv 128/256/512/1024 5×5 (strides 1, 2, 2, 2) BN ReLU → fc μ, fc log σ (σ = exp).
+Decoder: fc (s/8)²·1024 ReLU → deconv 512/256/128 5×5 s2 BN ReLU → deconv C 5×5 s1 (logits).
+At 64 px that is the paper's 8×8×1024 bottleneck; any side divisible by 8 builds the same way.
+The flattened (s/8)²·1024 features feed dense layers, so parameters grow as s²: at 128 px the three
+dense layers hold ~50M weights, at 256 px ~200M, which is where `resolution_error` stops (use resnet).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import init_glorot, scaled
+
+MIN_RESOLUTION, MAX_RESOLUTION = 16, 128
+
+
+def resolution_error(resolution: int) -> str | None:
+    """Why this family cannot build `resolution`, or None when it can."""
+    if resolution % 8 or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+        return (
+            f"multiples of 8 from {MIN_RESOLUTION} to {MAX_RESOLUTION} (e.g. 32, 64, 128; its dense layers "
+            "grow as side², ~200M parameters at 256: use model.family=resnet there)"
+        )
+    return None
+
+
+def _conv(c_in: int, c_out: int, stride: int) -> nn.Conv2d:
+    return init_glorot(nn.Conv2d(c_in, c_out, 5, stride, padding=2))
+
+
+def _deconv(c_in: int, c_out: int, stride: int) -> nn.ConvTranspose2d:
+    # padding 2 + output_padding (stride - 1) gives TF 'same': side × stride.
+    return init_glorot(nn.ConvTranspose2d(c_in, c_out, 5, stride, padding=2, output_padding=stride - 1))
+
+
+class WAEEncoder(nn.Module):
+    def __init__(self, channels: int, resolution: int, latent_dim: int, width: float, bn_momentum: float):
+        super().__init__()
+        dims = [scaled(d, width) for d in (128, 256, 512, 1024)]
+        layers: list[nn.Module] = []
+        c_in = channels
+        for dim, stride in zip(dims, (1, 2, 2, 2), strict=True):
+            layers += [_conv(c_in, dim, stride), nn.BatchNorm2d(dim, momentum=bn_momentum), nn.ReLU()]
+            c_in = dim
+        self.features = nn.Sequential(*layers)
+        flat = dims[-1] * (resolution // 8) ** 2
+        self.mu = init_glorot(nn.Linear(flat, latent_dim))
+        self.log_sigma = init_glorot(nn.Linear(flat, latent_dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x).flatten(1)
+        return self.mu(h).float(), self.log_sigma(h).float()
+
+
+class WAEDecoder(nn.Module):
+    def __init__(self, channels: int, resolution: int, latent_dim: int, width: float, bn_momentum: float):
+        super().__init__()
+        c0, *dims = (scaled(d, width) for d in (1024, 512, 256, 128))
+        self.c0, self.side = c0, resolution // 8
+        self.fc = init_glorot(nn.Linear(latent_dim, c0 * self.side * self.side))
+        layers: list[nn.Module] = []
+        c_in = c0
+        for dim in dims:
+            layers += [_deconv(c_in, dim, 2), nn.BatchNorm2d(dim, momentum=bn_momentum), nn.ReLU()]
+            c_in = dim
+        layers.append(_deconv(c_in, channels, 1))
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc(z)).view(-1, self.c0, self.side, self.side)
+        return self.features(h)

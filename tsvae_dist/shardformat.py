@@ -1,0 +1,324 @@
+"""The shard format `tsvae-shards/1`: manifest, sample codec and tar reading.
+
+A dataset is a directory URL holding `manifest.json` and WebDataset-style tar shards
+(`train/shard-000000.tar`, ..., `test/shard-000000.tar`, ...). The manifest is written last and
+atomically, so its presence means every shard it lists is complete; it records each shard's sample
+count and SHA-256, which readers check (a tar truncated exactly at a member boundary parses cleanly,
+so only the hash or the count can catch it).
+
+Samples are groups of tar members sharing a key (the member name up to its first dot):
+- images: `<key>.png` (also `.jpg`/`.jpeg`, or `.npy` holding uint8 HWC), decoded to uint8 [C,H,W];
+- latents: `<key>.mu.npy` and `<key>.logsigma.npy`, float32 [κ] each.
+Only these are decoded, through PIL or `np.load(..., allow_pickle=False)`: nothing is ever unpickled,
+and any other extension is a DataError naming the shard and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tsvae_dist import storage
+from tsvae_dist.errors import DataError
+
+FORMAT = "tsvae-shards/1"
+MANIFEST_NAME = "manifest.json"
+KINDS = {"image": "uint8", "latent": "float32"}  # kind -> the dtype its samples have
+IMAGE_EXTS = ("png", "jpg", "jpeg", "npy")
+LATENT_EXTS = ("logsigma.npy", "mu.npy")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
+_SHARD_RE = re.compile(r"^[A-Za-z0-9_\-]+/[A-Za-z0-9_\-]+\.tar$")
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+
+Sample = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+
+
+def dataset_root(url: str) -> str:
+    """The dataset directory for either the directory URL itself or the URL of its manifest.json."""
+    stripped = url.rstrip("/")
+    if stripped.endswith("/" + MANIFEST_NAME) or stripped == MANIFEST_NAME:
+        return stripped[: -len(MANIFEST_NAME)].rstrip("/") or "."
+    return stripped or url
+
+
+def manifest_url(root_url: str) -> str:
+    return storage.join(dataset_root(root_url), MANIFEST_NAME)
+
+
+def shard_url(root_url: str, name: str) -> str:
+    """The URL of shard `name` (e.g. `train/shard-000003.tar`) of the dataset at `root_url`."""
+    return storage.join(dataset_root(root_url), *name.split("/"))
+
+
+def _check(cond: bool, where: str, key: str, msg: str) -> None:
+    if not cond:
+        raise DataError(f"{where}: {key}: {msg}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> dict:
+    """Check a manifest's structure and consistency; DataError naming `where` and the key at fault."""
+    _check(isinstance(manifest, dict), where, "<root>", "expected a JSON object")
+    for field in ("format", "name", "kind", "shape", "dtype", "splits", "source"):
+        _check(field in manifest, where, field, "missing")
+    _check(manifest["format"] == FORMAT, where, "format", f"expected {FORMAT!r}, got {manifest['format']!r}")
+    _check(isinstance(manifest["name"], str) and manifest["name"] != "", where, "name",
+           "expected a non-empty string")
+    kind = manifest["kind"]
+    _check(kind in KINDS, where, "kind", f"unknown kind {kind!r}; choose one of {sorted(KINDS)}")
+    _check(manifest["dtype"] == KINDS[kind], where, "dtype", f"kind {kind!r} needs dtype {KINDS[kind]!r}")
+    shape = manifest["shape"]
+    _check(isinstance(shape, list) and all(_is_int(s) and s > 0 for s in shape), where, "shape",
+           "expected a list of positive integers")
+    if kind == "image":
+        _check(len(shape) == 3 and shape[0] in (1, 3), where, "shape",
+               f"images need [C,H,W] with C 1 or 3, got {shape}")
+    else:
+        _check(len(shape) == 1, where, "shape", f"latents need [kappa], got {shape}")
+    _check(isinstance(manifest["source"], dict), where, "source", "expected an object")
+    splits = manifest["splits"]
+    _check(isinstance(splits, dict) and len(splits) > 0, where, "splits", "expected a non-empty object")
+    for split, entry in splits.items():
+        key = f"splits.{split}"
+        _check(re.fullmatch(r"[A-Za-z0-9_\-]+", split) is not None, where, key, "bad split name")
+        _check(isinstance(entry, dict), where, key, "expected an object")
+        _check(_is_int(entry.get("count")) and entry["count"] > 0, where, key + ".count",
+               "expected a positive integer")
+        shards = entry.get("shards")
+        _check(isinstance(shards, list) and len(shards) > 0, where, key + ".shards",
+               "expected a non-empty list")
+        names = set()
+        for i, sh in enumerate(shards):
+            skey = f"{key}.shards[{i}]"
+            _check(isinstance(sh, dict), where, skey, "expected an object")
+            name = sh.get("name")
+            _check(isinstance(name, str) and _SHARD_RE.match(name) is not None
+                   and name.startswith(split + "/"),
+                   where, skey + ".name", f"expected '{split}/<name>.tar', got {name!r}")
+            _check(name not in names, where, skey + ".name", f"duplicate shard {name!r}")
+            names.add(name)
+            _check(_is_int(sh.get("count")) and sh["count"] > 0, where, skey + ".count",
+                   "expected a positive integer")
+            _check(isinstance(sh.get("sha256"), str) and _HEX64_RE.match(sh["sha256"]) is not None,
+                   where, skey + ".sha256", "expected 64 lower-case hex digits")
+        total = sum(sh["count"] for sh in shards)
+        _check(total == entry["count"], where, key + ".count",
+               f"{entry['count']} != {total}, the sum over its shards")
+    return manifest
+
+
+def read_manifest(root_url: str) -> dict:
+    """Read and validate the manifest of the dataset at `root_url` (directory or manifest URL)."""
+    url = manifest_url(root_url)
+    if not storage.exists(url):
+        raise DataError(f"{url}: no manifest (dataset missing or not finished writing)")
+    try:
+        manifest = json.loads(storage.read_text(url))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{url}: not valid JSON ({e})") from e
+    return validate_manifest(manifest, url)
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    """The canonical serialisation (sorted keys): equal manifests give byte-identical files."""
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def write_manifest(root_url: str, manifest: dict) -> None:
+    """Validate and write the manifest atomically. Call it last: it marks the dataset complete."""
+    url = manifest_url(root_url)
+    validate_manifest(manifest, url)
+    storage.write_bytes_atomic(url, manifest_bytes(manifest))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample codec
+
+
+def encode_image(arr: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 image, HWC with C 1 or 3 (or HW).
+
+    Deterministic for a given zlib: fixed compression level, no metadata chunks.
+    """
+    arr = np.asarray(arr)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"encode_image: expected uint8, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise ValueError(f"encode_image: expected HW, HWx1 or HWx3, got shape {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr), mode="L" if arr.ndim == 2 else "RGB").save(
+        buf, format="PNG", compress_level=6, optimize=False)
+    return buf.getvalue()
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    """`.npy` bytes of a numeric array (never pickled)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_latent(mu: np.ndarray, log_sigma: np.ndarray) -> dict[str, bytes]:
+    """The files of one latent sample: float32 [κ] posterior mean and log standard deviation."""
+    mu = np.asarray(mu, dtype=np.float32)
+    log_sigma = np.asarray(log_sigma, dtype=np.float32)
+    if mu.ndim != 1 or mu.shape != log_sigma.shape:
+        raise ValueError(f"encode_latent: expected two [kappa] vectors, got {mu.shape} and {log_sigma.shape}")
+    return {"mu.npy": encode_npy(mu), "logsigma.npy": encode_npy(log_sigma)}
+
+
+def _load_npy(data: bytes, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{where}: unreadable .npy ({e})") from e
+
+
+def _decode_image(where: str, ext: str, data: bytes, shape: list[int]) -> np.ndarray:
+    c, h, w = shape
+    if ext == "npy":
+        arr = _load_npy(data, where)
+        if arr.dtype != np.uint8:
+            raise DataError(f"{where}: expected uint8 .npy, got {arr.dtype}")
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.mode not in ("L", "RGB"):
+                    raise DataError(f"{where}: image mode {img.mode!r}; expected 'L' or 'RGB'")
+                arr = np.asarray(img)
+        except DataError:
+            raise
+        except Exception as e:  # PIL raises many types for corrupt data
+            raise DataError(f"{where}: undecodable .{ext} ({type(e).__name__}: {e})") from e
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+    if arr.shape != (h, w, c):
+        raise DataError(f"{where}: image shape {tuple(arr.shape)} (HWC); the manifest says {(h, w, c)}")
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def decode_sample(shard_url: str, key: str, files: dict[str, bytes], kind: str, shape: list[int]) -> Sample:
+    """Decode one sample's files into numpy arrays, checking extensions, shape and dtype.
+
+    Returns {"image": uint8 [C,H,W]} for images, {"mu", "log_sigma": float32 [κ]} for latents.
+    """
+    where = f"{shard_url}: sample {key!r}"
+    if kind == "image":
+        unknown = sorted(set(files) - set(IMAGE_EXTS))
+        if unknown:
+            raise DataError(f"{where}: unknown extension(s) {unknown}; images need one of {list(IMAGE_EXTS)}")
+        if len(files) != 1:
+            raise DataError(f"{where}: {len(files)} image files {sorted(files)}; expected exactly one")
+        (ext, data), = files.items()
+        return {"image": _decode_image(where, ext, data, shape)}
+    if kind == "latent":
+        if sorted(files) != list(LATENT_EXTS):
+            raise DataError(f"{where}: files {sorted(files)}; latents need exactly {list(LATENT_EXTS)}")
+        out = {}
+        for ext, name in (("mu.npy", "mu"), ("logsigma.npy", "log_sigma")):
+            arr = _load_npy(files[ext], f"{where}.{ext}")
+            if arr.dtype != np.float32 or list(arr.shape) != list(shape):
+                raise DataError(f"{where}.{ext}: {arr.dtype} {list(arr.shape)}; "
+                                f"the manifest says float32 {shape}")
+            out[name] = arr
+        return out
+    raise DataError(f"{shard_url}: unknown kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tar shards
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member: the key ends at the first dot of the base name."""
+    directory, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    key = posixpath.join(directory, stem) if directory else stem
+    return key, (ext if dot else "")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def iter_tar_bytes(shard_url: str, data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples (key, {ext: bytes}) of an in-memory tar, in file order; DataError naming the shard."""
+    try:
+        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+    except (tarfile.TarError, EOFError) as e:
+        raise DataError(f"{shard_url}: not a readable tar ({e})") from e
+    seen: set[str] = set()
+    key, files = None, {}
+    try:
+        for member in tf:
+            if member.isdir():
+                continue
+            mkey, ext = split_member_name(member.name)
+            if not member.isfile():
+                raise DataError(f"{shard_url}: sample {mkey!r}: member {member.name!r} is not a regular file")
+            if not ext or not mkey or _KEY_RE.match(mkey) is None:
+                raise DataError(f"{shard_url}: sample {mkey!r}: bad member name {member.name!r}")
+            if mkey != key:
+                if key is not None:
+                    yield key, files
+                if mkey in seen:
+                    raise DataError(f"{shard_url}: sample {mkey!r}: key appears twice (members not grouped)")
+                seen.add(mkey)
+                key, files = mkey, {}
+            if ext in files:
+                raise DataError(f"{shard_url}: sample {mkey!r}: duplicate file .{ext}")
+            f = tf.extractfile(member)
+            payload = f.read() if f is not None else b""
+            if len(payload) != member.size:
+                raise DataError(f"{shard_url}: sample {mkey!r}: truncated member {member.name!r}")
+            files[ext] = payload
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{shard_url}: corrupt or truncated tar after sample {key!r} ({e})") from e
+    if key is not None:
+        yield key, files
+
+
+def read_shard(shard_url: str, sha256: str | None = None) -> bytes:
+    """The whole shard (one request: the fastest read on object stores), checked against `sha256` if given."""
+    try:
+        data = storage.read_bytes(shard_url)
+    except FileNotFoundError as e:
+        raise DataError(f"{shard_url}: shard missing") from e
+    if sha256 is not None and sha256_hex(data) != sha256:
+        raise DataError(f"{shard_url}: sha256 {sha256_hex(data)[:16]}... differs from the manifest's "
+                        f"{sha256[:16]}... (corrupt or truncated shard)")
+    return data
+
+
+def iter_tar(shard_url: str, sha256: str | None = None, count: int | None = None
+             ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples (key, {ext: bytes}) of the shard at `shard_url`, in file order.
+
+    With `sha256` the bytes are checked against it; with `count` the number of samples is, after
+    the last one (a mismatch is a DataError naming the shard).
+    """
+    data = read_shard(shard_url, sha256)
+    n = 0
+    for item in iter_tar_bytes(shard_url, data):
+        n += 1
+        yield item
+    if count is not None and n != count:
+        raise DataError(f"{shard_url}: {n} samples; the manifest says {count}")

@@ -1,0 +1,222 @@
+"""The distributed training loop shared by stage 1 and stage 2.
+
+A stage hands over a model whose forward returns its loss terms, a deterministic loader and a
+function that turns a batch into model inputs; `train` does the rest: DDP, mixed precision, the
+paper's Adam step schedule, checkpoints with exact resume, preemption, metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from tsvae_dist import dist, precision, storage
+from tsvae_dist.checkpoint import CheckpointStore, check_resumable
+from tsvae_dist.config import TrainConfig
+from tsvae_dist.loader import StreamLoader
+from tsvae_dist.models import convert_sync_batchnorm
+from tsvae_dist.preemption import Preempted, StopFlag
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainJob:
+    """What a training stage plugs into the shared loop."""
+
+    name: str  # "stage1" or "stage2": names metrics and checkpoints
+    model: nn.Module  # forward(*inputs) -> dict of scalar tensors with "loss"
+    loader: StreamLoader  # deterministic batches per (epoch, step)
+    inputs: Callable[[dict[str, Any], int], tuple[torch.Tensor, ...]]  # (batch, epoch) -> forward args
+    directory: str  # the stage's directory in the run: checkpoints/, metrics.jsonl, tb/
+    resume_config: dict[str, Any]  # config keys that change results; a resume under others is refused
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the trained module (unwrapped from DDP)
+    samples_seen: int  # training samples consumed in total
+    steps: int  # optimizer steps taken in total
+    last_metrics: dict[str, float]  # the last logged metrics line
+
+
+def use_sync_bn(cfg: TrainConfig, world_size: int) -> bool:
+    """SyncBN makes BatchNorm see the global batch; on by default when the per-rank batch is small."""
+    if cfg.sync_bn != "auto":
+        return cfg.sync_bn == "on"
+    return world_size > 1 and cfg.batch_size // world_size < 64
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """The paper's step schedule: halve every `lr_halve_every_epochs` epochs."""
+    return cfg.lr * 0.5 ** (epoch // cfg.lr_halve_every_epochs)
+
+
+class MetricsLog:
+    """JSON lines on rank 0 (appended locally, rewritten whole on object stores) plus TensorBoard."""
+
+    def __init__(self, directory: str, resume_step: int, enabled: bool):
+        self.url = storage.join(directory, "metrics.jsonl")
+        self.enabled = enabled
+        self.lines: list[str] = []
+        self.tb = None
+        if not enabled:
+            return
+        if storage.exists(self.url):  # drop lines past the checkpoint we resume from: they get redone
+            old = storage.read_text(self.url).splitlines()
+            self.lines = [ln for ln in old if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            storage.write_text_atomic(self.url, "".join(ln + "\n" for ln in self.lines))
+        if "://" not in directory:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(storage.join(directory, "tb"), purge_step=resume_step + 1)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.lines.append(json.dumps({"step": step, **metrics}))
+        if "://" not in self.url:
+            with open(self.url, "a") as f:
+                f.write(self.lines[-1] + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        """Persist (called with each checkpoint; on object stores this rewrites the object)."""
+        if not self.enabled:
+            return
+        if "://" in self.url:
+            storage.write_text_atomic(self.url, "".join(ln + "\n" for ln in self.lines))
+        if self.tb is not None:
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag | None = None) -> TrainResult:
+    """Train `job.model` for `cfg.epochs` epochs, resuming from the stage's latest checkpoint."""
+    loader, steps_per_epoch = job.loader, job.loader.steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    stop = stop or StopFlag().install()
+
+    # Set up the model, DDP and the optimizer.
+    model = job.model
+    if info.distributed and use_sync_bn(cfg, info.world_size):
+        model = convert_sync_batchnorm(model)
+    model = model.to(info.device)
+    step_model: nn.Module = model
+    if info.distributed:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        step_model = DistributedDataParallel(model, device_ids=device_ids)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    optimizer = precision.adam(model.parameters(), cfg.lr, betas, cfg.adam_eps, info.device)
+    scaler = precision.grad_scaler(cfg.precision, info.device)
+    store = CheckpointStore(storage.join(job.directory, "checkpoints"), keep=cfg.keep_checkpoints)
+
+    # Load the previous checkpoint, if any, and decide where to start.
+    step = 0
+    state = store.load_latest()
+    if state is not None:
+        check_resumable(state["config"], job.resume_config, state["url"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        if info.is_main:
+            log.info("%s: resuming from %s at step %d/%d", job.name, state["url"], step, total_steps)
+    metrics_log = MetricsLog(job.directory, step, enabled=info.is_main)
+
+    def save() -> None:
+        if info.is_main:
+            store.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "samples_seen": step * cfg.batch_size,
+                    "epoch": step // steps_per_epoch,
+                    "step_in_epoch": step % steps_per_epoch,
+                    "config": job.resume_config,
+                    "world_size": info.world_size,
+                },
+                step * cfg.batch_size,
+            )
+            metrics_log.flush()
+        dist.barrier()  # nobody runs ahead of a checkpoint that is not yet committed
+
+    bar = None
+    if info.is_main and cfg.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="img",
+                   desc=job.name, unit_scale=True, dynamic_ncols=True)
+
+    # Train: the loop runs over (epoch, step-in-epoch) so a resume lands on the exact batch.
+    model.train()
+    window: dict[str, torch.Tensor] = {}
+    window_steps, window_start = 0, time.perf_counter()
+    last_metrics: dict[str, float] = {}
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        lr = learning_rate(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for batch in loader.epoch(epoch, start_step=step % steps_per_epoch):
+            # Agree on stopping before the step, so every rank stops at the same one.
+            if dist.any_rank(stop.is_set(), info.device):
+                save()
+                raise Preempted(f"{job.name}: stopped by {stop.signal_name or 'request'} at step {step}")
+
+            # One optimizer step.
+            inputs = [t.to(info.device, non_blocking=True) for t in job.inputs(batch, epoch)]
+            with precision.autocast(cfg.precision, info.device):
+                terms = step_model(*inputs)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+
+            # Metrics: averaged over the window's steps and over ranks.
+            for k, v in terms.items():
+                window[k] = window.get(k, 0.0) + v.detach().float().cpu()
+            window_steps += 1
+            if bar is not None:
+                bar.update(cfg.batch_size)
+            if step % cfg.log_every_steps == 0 or step == total_steps:
+                names = sorted(window)
+                sums = dist.all_reduce_sum(torch.stack([window[k] for k in names]).double())
+                elapsed = time.perf_counter() - window_start
+                last_metrics = {k: float(s) / (window_steps * info.world_size) for k, s in zip(names, sums)}
+                last_metrics.update(
+                    lr=lr, epoch=epoch, samples=step * cfg.batch_size,
+                    samples_per_s=window_steps * cfg.batch_size / max(elapsed, 1e-9),
+                )
+                metrics_log.write(step, last_metrics)
+                if not math.isfinite(last_metrics["loss"]):
+                    raise FloatingPointError(f"{job.name}: loss is {last_metrics['loss']} near step {step}")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_metrics['loss']:.4g}", gamma=f"{last_metrics.get('gamma', 0):.3g}")
+                window, window_steps, window_start = {}, 0, time.perf_counter()
+
+            # Checkpoint.
+            if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
+                save()
+    if bar is not None:
+        bar.close()
+    metrics_log.close()
+    return TrainResult(model=model, samples_seen=step * cfg.batch_size, steps=step, last_metrics=last_metrics)
