@@ -46,6 +46,7 @@ OSD_SIZE=$((16 * 1024 * 1024 * 1024))   # sparse
 CEPH_LIB="$CEPH_ROOT/usr/lib/x86_64-linux-gnu"
 CEPH_BIN="$CEPH_ROOT/usr/bin"
 CEPH_CONF="$STATE/ceph/ceph.conf"
+CEPH_S3_CREDENTIALS="$STATE/ceph/s3_credentials"   # "access secret"; goes with the cluster it was made in
 export SLURM_CONF="$STATE/slurm/slurm.conf"
 PATH="$PATH:/usr/sbin:/sbin"
 
@@ -62,8 +63,13 @@ usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 start_daemon() {
     local name=$1 logfile=$2
     shift 2
-    local bin=${DAEMON_BIN:-${1##*/}}
-    setsid "$@" </dev/null >>"$logfile" 2>&1 &
+    local bin=${DAEMON_BIN:-}
+    if [[ -z $bin ]]; then
+        bin=$(readlink -f "$(command -v "$1")")   # e.g. slurmctld -> slurmctld-wlm
+        bin=${bin##*/}
+    fi
+    # fd 9 is the lock of this script: daemons must not inherit it.
+    setsid "$@" </dev/null >>"$logfile" 2>&1 9>&- &
     echo "$! $bin" >"$PIDS/$name.pid"
 }
 
@@ -91,21 +97,34 @@ is_alive() {
     [[ ${stat:0:1} != Z ]]
 }
 
-stop_daemon() {
-    local name=$1 pid i
-    if pid=$(daemon_pid "$name"); then
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 100; i++)); do
-            [[ -d /proc/$pid ]] || break
-            sleep 0.1
-        done
-        if [[ -d /proc/$pid ]]; then
-            log "$name (pid $pid) ignored SIGTERM for 10 s: SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
+# stop_daemons NAME...: SIGTERM to all of them at once, then wait (SIGKILL after 15 s).
+stop_daemons() {
+    local name pid i
+    local -A pids=()
+    for name in "$@"; do
+        if pid=$(daemon_pid "$name"); then
+            kill -TERM "$pid" 2>/dev/null || true
+            pids[$name]=$pid
+        else
+            rm -f "$PIDS/$name.pid"
         fi
-        log "stopped $name (pid $pid)"
-    fi
-    rm -f "$PIDS/$name.pid"
+    done
+    for ((i = 0; i < 150; i++)); do
+        for name in "${!pids[@]}"; do
+            if [[ ! -d /proc/${pids[$name]} ]]; then
+                log "stopped $name (pid ${pids[$name]})"
+                rm -f "$PIDS/$name.pid"
+                unset "pids[$name]"
+            fi
+        done
+        [[ ${#pids[@]} -eq 0 ]] && return
+        sleep 0.1
+    done
+    for name in "${!pids[@]}"; do
+        log "$name (pid ${pids[$name]}) ignored SIGTERM for 15 s: SIGKILL"
+        kill -KILL "${pids[$name]}" 2>/dev/null || true
+        rm -f "$PIDS/$name.pid"
+    done
 }
 
 # wait_for SECONDS DAEMON CHECK...: poll CHECK every 0.2 s; give up early when DAEMON (the one
@@ -137,6 +156,12 @@ fail_with_log() {
 }
 
 port_free() { [[ -z $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
+
+# Before starting a daemon: a port taken by something else (e.g. daemons of a state folder that was
+# deleted while they ran) would only show up later as a bind error in a log.
+need_port() {  # need_port PORT DAEMON
+    port_free "$1" || die "port $1 (for $2) is in use by another process: $(ss -Hltnp "sport = :$1" | head -1)"
+}
 
 random_hex() { od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'; }
 
@@ -225,11 +250,13 @@ start_mariadb() {
         random_hex 16 >"$d/slurm_password"
         chmod 600 "$d/slurm_password"
     fi
+    need_port $MARIADB_PORT mariadb
     # Small buffers: the accounting database of a test cluster is tiny.
     start_daemon mariadb "$STATE/log/mariadb.out" mariadbd --no-defaults --user=root --datadir="$d/data" \
         --socket="$d/mysqld.sock" --pid-file="$d/mysqld.pid" --port=$MARIADB_PORT --bind-address=127.0.0.1 \
-        --skip-name-resolve --log-error="$STATE/log/mariadb.log" --innodb-buffer-pool-size=32M \
-        --innodb-log-file-size=16M --innodb-lock-wait-timeout=900 --performance-schema=OFF --max-connections=50
+        --skip-name-resolve --log-error="$STATE/log/mariadb.log" --innodb-buffer-pool-size=16M \
+        --innodb-log-file-size=16M --innodb-lock-wait-timeout=900 --performance-schema=OFF --max-connections=50 \
+        --aria-pagecache-buffer-size=8M --key-buffer-size=1M --query-cache-size=0 --table-open-cache=200
     wait_for 30 mariadb mariadb_ok || fail_with_log "mariadb did not start" "$STATE/log/mariadb.log"
     if [[ ! -f $d/.initialized ]]; then
         local pw
@@ -247,6 +274,7 @@ slurmdbd_ok() { sacctmgr -n -P list cluster format=cluster; }
 
 start_slurmdbd() {
     if is_running slurmdbd; then return; fi
+    need_port $SLURMDBD_PORT slurmdbd
     # slurmdbd reads slurmdbd.conf from the folder of $SLURM_CONF.
     LD_PRELOAD=$BIND_SHIM start_daemon slurmdbd "$STATE/log/slurmdbd.out" slurmdbd -D
     wait_for 30 slurmdbd slurmdbd_ok \
@@ -259,6 +287,7 @@ start_slurmdbd() {
 
 start_slurmctld() {
     if is_running slurmctld; then return; fi
+    need_port $SLURMCTLD_PORT slurmctld
     # -i: ignore state-file errors (e.g. after a crash) instead of refusing to start.
     LD_PRELOAD=$BIND_SHIM start_daemon slurmctld "$STATE/log/slurmctld.out" slurmctld -D -i -f "$SLURM_CONF"
     wait_for 30 slurmctld scontrol ping \
@@ -266,9 +295,11 @@ start_slurmctld() {
 }
 
 start_slurmds() {
-    local n
+    local n i=0 first=${SLURMD_PORTS%-*}
     for n in "${NODES[@]}"; do
+        i=$((i + 1))
         is_running "slurmd-$n" && continue
+        need_port $((first + i - 1)) "slurmd $n"
         mkdir -p "$STATE/slurm/spool/$n"
         start_daemon "slurmd-$n" "$STATE/log/slurmd-$n.out" slurmd -D -N "$n" -f "$SLURM_CONF"
     done
@@ -314,13 +345,28 @@ slurm_up() {
     log "slurm: 4 nodes up (partitions debug, urgent)"
 }
 
+# Jobs of this cluster outlive slurmd (their slurmstepd keep running): cancel them first.
+cancel_jobs() {
+    local jobs i
+    is_running slurmctld || return 0
+    jobs=$(squeue -h -o %i 2>/dev/null | paste -sd' ') || return 0
+    [[ -n $jobs ]] || return 0
+    log "cancelling jobs $jobs"
+    scancel $jobs 2>/dev/null || true
+    # scancel: SIGTERM, then SIGKILL after KillWait (10 s).
+    for ((i = 0; i < 150; i++)); do
+        [[ -z $(squeue -h -o %i 2>/dev/null) ]] && return 0
+        sleep 0.1
+    done
+    log "jobs still ending: $(squeue -h -o '%i %T' | paste -sd' ')"
+}
+
 slurm_down() {
-    local n
-    for n in "${NODES[@]}"; do stop_daemon "slurmd-$n"; done
-    stop_daemon slurmctld
-    stop_daemon slurmdbd
-    stop_daemon mariadb
-    stop_daemon munged
+    cancel_jobs
+    # Clients before servers: slurmd and slurmctld still report to slurmdbd, which needs mariadb.
+    stop_daemons "${NODES[@]/#/slurmd-}" slurmctld
+    stop_daemons slurmdbd
+    stop_daemons mariadb munged
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -365,8 +411,8 @@ ceph_bootstrap() {
         >"$STATE/log/ceph-mkfs.out" 2>&1 || fail_with_log "ceph-mon --mkfs failed" "$STATE/log/ceph-mkfs.out"
     mkdir -p "$c/osd.0"
     cp "$c/keyring.osd.0" "$c/osd.0/keyring"
-    ceph ceph-osd -i 0 --mkfs --no-mon-config --osd-uuid "$(cat /proc/sys/kernel/random/uuid)" >>"$STATE/log/ceph-mkfs.out" 2>&1 \
-        || fail_with_log "ceph-osd --mkfs failed" "$STATE/log/ceph-mkfs.out"
+    ceph ceph-osd -i 0 --mkfs --no-mon-config --osd-uuid "$(cat /proc/sys/kernel/random/uuid)" \
+        >>"$STATE/log/ceph-mkfs.out" 2>&1 || fail_with_log "ceph-osd --mkfs failed" "$STATE/log/ceph-mkfs.out"
     touch "$c/.bootstrapped"
 }
 
@@ -375,27 +421,27 @@ rgw_url() { echo "http://127.0.0.1:$(cat "$STATE/ceph/rgw_port")"; }
 rgw_ok() { curl -s --noproxy '*' -o /dev/null --max-time 2 "$(rgw_url)/"; }
 
 # A signed S3 request: curl's SigV4 (radosgw also wants the payload hash header).
-s3_request() {  # s3_request METHOD PATH
-    local ak sk
-    read -r ak sk <"$STATE/s3/credentials"
-    curl -s --noproxy '*' --max-time 10 -o /dev/null -w '%{http_code}' -X "$1" \
+s3_request() {  # s3_request HEAD|PUT PATH
+    local ak sk method=(-X "$1")
+    [[ $1 == HEAD ]] && method=(-I)   # -X HEAD would wait for a body
+    read -r ak sk <"$CEPH_S3_CREDENTIALS"
+    curl -s --noproxy '*' --max-time 10 -o /dev/null -w '%{http_code}' "${method[@]}" \
         --aws-sigv4 "aws:amz:$S3_REGION:s3" --user "$ak:$sk" -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' \
         "$(rgw_url)$2"
 }
 
 s3_setup_user_and_bucket() {
-    local s="$STATE/s3" code
-    mkdir -p "$s"
-    if [[ ! -f $s/credentials ]]; then
+    local code
+    if [[ ! -f $CEPH_S3_CREDENTIALS ]]; then
         local ak sk
         ak=$(random_hex 10 | tr 'a-f' 'A-F')
         sk=$(random_hex 20)
         ceph radosgw-admin -n client.admin user create --uid tsvae --display-name "tsvae-dist tests" \
             --access-key "$ak" --secret-key "$sk" >"$STATE/log/rgw-user.out" 2>&1 \
             || fail_with_log "radosgw-admin user create failed" "$STATE/log/rgw-user.out"
-        echo "$ak $sk" >"$s/credentials.tmp"
-        chmod 600 "$s/credentials.tmp"
-        mv "$s/credentials.tmp" "$s/credentials"
+        echo "$ak $sk" >"$CEPH_S3_CREDENTIALS.tmp"
+        chmod 600 "$CEPH_S3_CREDENTIALS.tmp"
+        mv "$CEPH_S3_CREDENTIALS.tmp" "$CEPH_S3_CREDENTIALS"
     fi
     code=$(s3_request HEAD "/$BUCKET") || true
     if [[ $code != 200 ]]; then
@@ -417,13 +463,15 @@ ceph_up() {
     local LD_LIBRARY_PATH="$CEPH_LIB:$CEPH_LIB/ceph:$CEPH_ROOT/lib/x86_64-linux-gnu"
     export LD_LIBRARY_PATH
     if ! is_running ceph-mon; then
-        start_daemon ceph-mon "$STATE/log/ceph-mon.out" "$CEPH_BIN/ceph-mon" -f -i a
+        need_port $CEPH_MON_PORT ceph-mon
+        start_daemon ceph-mon "$STATE/log/ceph-mon.out" "$CEPH_BIN/ceph-mon" -c "$CEPH_CONF" -f -i a
     fi
     if ! is_running ceph-osd; then
-        start_daemon ceph-osd "$STATE/log/ceph-osd.out" "$CEPH_BIN/ceph-osd" -f -i 0
+        start_daemon ceph-osd "$STATE/log/ceph-osd.out" "$CEPH_BIN/ceph-osd" -c "$CEPH_CONF" -f -i 0
     fi
     if ! is_running radosgw; then
-        start_daemon radosgw "$STATE/log/radosgw.out" "$CEPH_BIN/radosgw" -f -n client.rgw.gw
+        need_port "$(cat "$c/rgw_port")" radosgw
+        start_daemon radosgw "$STATE/log/radosgw.out" "$CEPH_BIN/radosgw" -c "$CEPH_CONF" -f -n client.rgw.gw
     fi
     wait_for 60 radosgw rgw_ok || fail_with_log "the S3 gateway did not answer on $(rgw_url)" \
         "$c/log/rgw.log" "$STATE/log/radosgw.out" "$c/log/osd.0.log" "$c/log/mon.a.log"
@@ -432,16 +480,17 @@ ceph_up() {
 }
 
 ceph_down() {
-    stop_daemon radosgw
-    stop_daemon ceph-osd
-    stop_daemon ceph-mon
+    # In this order: the gateway hangs without its OSD, the OSD reports its exit to the monitor.
+    stop_daemons radosgw
+    stop_daemons ceph-osd
+    stop_daemons ceph-mon
 }
 
 # ---------------------------------------------------------------------------------------------
 # Environment for clients.
 
 slurm_is_up() { is_running slurmctld && is_running slurmdbd; }
-s3_is_up() { is_running radosgw && [[ -f $STATE/s3/credentials ]]; }
+s3_is_up() { is_running radosgw && [[ -f $CEPH_S3_CREDENTIALS ]]; }
 
 print_env() {
     local ak sk url
@@ -452,7 +501,7 @@ print_env() {
             echo "export SLURM_CONF=$SLURM_CONF"
         fi
         if s3_is_up; then
-            read -r ak sk <"$STATE/s3/credentials"
+            read -r ak sk <"$CEPH_S3_CREDENTIALS"
             url=$(rgw_url)
             echo "export AWS_ACCESS_KEY_ID=$ak"
             echo "export AWS_SECRET_ACCESS_KEY=$sk"
@@ -496,8 +545,14 @@ cmd_up() {
 }
 
 cmd_down() {
+    local s3_pid=
+    [[ -d $PIDS ]] || return 0
+    if [[ $WANT_S3 -eq 1 ]]; then
+        ceph_down &
+        s3_pid=$!
+    fi
     [[ $WANT_SLURM -eq 1 ]] && slurm_down
-    [[ $WANT_S3 -eq 1 ]] && ceph_down
+    [[ -n $s3_pid ]] && wait "$s3_pid"
     [[ -d $STATE ]] && rm -f "$STATE/env.sh"
     return 0
 }
@@ -537,9 +592,16 @@ for arg in "$@"; do
     esac
 done
 
+# One `up` or `down` at a time (test sessions may start at once).
+lock() {
+    mkdir -p "$STATE"
+    exec 9>"$STATE/.lock"
+    flock -w 300 9 || die "another dev_cluster.sh holds $STATE/.lock"
+}
+
 case "$ACTION" in
-    up) cmd_up ;;
-    down) cmd_down ;;
+    up) lock; cmd_up ;;
+    down) lock; cmd_down ;;
     status) cmd_status ;;
     *) usage ;;
 esac

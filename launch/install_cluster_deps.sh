@@ -2,8 +2,9 @@
 # Install what launch/dev_cluster.sh needs, from Debian 12's own packages. Run as root; idempotent
 # (a few seconds when everything is already there); `apt-get update` only when apt has to.
 #
-#   Slurm + accounting: slurmctld slurmd slurm-client munge slurmdbd mariadb-server (installed normally;
-#                       no daemon is started: dev_cluster.sh starts its own, by hand).
+#   Slurm + accounting: slurmctld slurmd slurm-client munge slurmdbd mariadb-server, plus curl and a C
+#                       compiler (installed normally; no daemon is started: dev_cluster.sh starts its
+#                       own, by hand).
 #   Ceph (radosgw):     ceph-mon ceph-osd radosgw and whatever they need that is not installed yet are
 #                       downloaded and unpacked with `dpkg -x` into $TSVAE_CEPH_ROOT (default
 #                       /opt/tsvae-dist/ceph) rather than installed: no maintainer scripts, no system
@@ -24,10 +25,12 @@ for arg in "$@"; do
     esac
 done
 
-SLURM_PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server curl)
+# gcc + libc6-dev: dev_cluster.sh compiles a 40-line bind() shim that keeps slurmctld and slurmdbd
+# on loopback.
+SLURM_PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server curl gcc libc6-dev iproute2)
 # The commands dev_cluster.sh runs; all present means nothing to install.
 SLURM_CMDS=(slurmctld slurmd sbatch srun sacct sacctmgr scontrol munged munge unmunge slurmdbd
-    mariadbd mariadb-install-db mariadb curl)
+    mariadbd mariadb-install-db mariadb curl cc setpriv flock ss)
 CEPH_PKGS=(ceph-mon ceph-osd radosgw ceph-common ceph-base)
 # Bump when the set of unpacked packages changes, so an older unpacked tree is redone.
 CEPH_LAYOUT=1

@@ -70,7 +70,7 @@ def test_unverifiable_name_without_hash_is_refused(weights, tmp_path):
     plain = tmp_path / "inception.pth"
     shutil.copy(path, plain)
     assert "no '-<sha256 prefix>.' suffix" in _config_error(str(plain), None, str(tmp_path))
-    assert "not 64 hex digits" in _config_error(str(plain), "abc", str(tmp_path))
+    assert "is not 64 hex" in _config_error(str(plain), "abc", str(tmp_path))
 
 
 def test_foreign_state_dict_is_refused(tmp_path):

@@ -64,11 +64,16 @@ def test_global_batches_do_not_depend_on_world_size_or_workers(images, workers):
         [k for b in one for k in b["key"]]
 
 
-def test_workers_give_the_same_batches_as_in_process(images):
+@pytest.mark.parametrize("workers, world", [(2, 1), (1, 4), (2, 2)])
+def test_workers_give_the_same_batches_as_in_process(images, workers, world):
+    # (2, 1): two streams per worker; (1, 4): one stream per rank; (2, 2): one stream per worker
     ref = list(_loader(images, workers=0).epoch(1))
-    got = list(_loader(images, workers=2).epoch(1))  # two streams per worker
-    assert [b["key"] for b in got] == [b["key"] for b in ref]
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, ref))
+    got = [list(_loader(images, workers=workers, world=world, rank=r).epoch(1)) for r in range(world)]
+    for step, batch in enumerate(ref):
+        parts = [got[r][step] for r in range(world)]
+        assert batch["key"] == [k for p in parts for k in p["key"]]
+        assert all(isinstance(p["image"], torch.Tensor) and p["image"].dtype == torch.float32 for p in parts)
+        assert torch.equal(batch["image"], torch.cat([p["image"] for p in parts]))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -79,7 +84,7 @@ def test_resume_yields_the_tail_of_the_uninterrupted_epoch(images, workers):
     for start in (1, 4, 10, 11):
         tail = list(loader.epoch(3, start_step=start))
         assert [b["key"] for b in tail] == [b["key"] for b in full[start:]]
-        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(tail, full[start:]))
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(tail, full[start:], strict=True))
     with pytest.raises(ValueError, match="start_step 12"):
         list(loader.epoch(3, start_step=12))
 
@@ -103,10 +108,8 @@ def test_epochs_differ_and_repeat_exactly(images):
 
 def test_even_dataset_yields_every_sample_exactly_once_per_epoch(even):
     for streams, world in ((4, 1), (6, 2), (12, 3)):
-        for rank in range(world):
-            pass
-        keys = [k for r in range(world) for b in _loader(even, rank=r, world=world, streams=streams,
-                                                           batch=60).epoch(5) for k in b["key"]]
+        keys = [k for r in range(world)
+                for b in _loader(even, rank=r, world=world, streams=streams, batch=60).epoch(5) for k in b["key"]]
         assert len(keys) == len(set(keys)) == 240
 
 
@@ -182,12 +185,14 @@ def test_latent_batches(tmp_path):
         assert b["mu"].shape == b["log_sigma"].shape == (12, 5) and b["mu"].dtype == torch.float32
         for i, key in enumerate(b["key"]):
             mu, log_sigma = latent_value(key, 5)
-            assert np.array_equal(b["mu"][i].numpy(), mu) and np.array_equal(b["log_sigma"][i].numpy(), log_sigma)
+            assert np.array_equal(b["mu"][i].numpy(), mu)
+            assert np.array_equal(b["log_sigma"][i].numpy(), log_sigma)
 
 
 def test_image_values_match_the_shards(images):
     batch = next(iter(_loader(images).epoch(0)))
-    assert batch["image"].dtype == torch.float32 and 0.0 <= batch["image"].min() <= batch["image"].max() <= 1.0
+    assert batch["image"].dtype == torch.float32
+    assert 0.0 <= batch["image"].min() <= batch["image"].max() <= 1.0
     samples = dict(kv for _, it in iter_split_shards(images, "train", 0, 1) for kv in it)
     for i, key in enumerate(batch["key"]):
         assert torch.equal(batch["image"][i], samples[key]["image"])
@@ -211,11 +216,12 @@ def test_iter_split_shards_deals_shards_to_ranks(images):
 
 def test_memory_filesystem(images):
     root = "memory://loader-test/images"
-    for dirpath in ("", "train", "test"):
-        for name in storage.listdir(storage.join(images, dirpath) if dirpath else images):
-            src = storage.join(images, dirpath, name) if dirpath else storage.join(images, name)
-            if name.endswith((".tar", ".json")):
-                storage.write_bytes_atomic(f"{root}/{dirpath + '/' if dirpath else ''}{name}", storage.read_bytes(src))
+    manifest = shardformat.read_manifest(images)
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            data = storage.read_bytes(shardformat.shard_url(images, shard["name"]))
+            storage.write_bytes_atomic(f"{root}/{shard['name']}", data)
+    shardformat.write_manifest(root, manifest)
     assert _keys(_loader(root), 4) == _keys(_loader(images), 4)
 
 
@@ -227,7 +233,7 @@ def test_spawned_workers(even):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(streams=3, world=2, batch=6), "streams: 3 is not a multiple of the world size 2"),
-    (dict(streams=4, world=2, workers=4, batch=8), "streams: 2 streams per rank .* not a multiple of workers=4"),
+    (dict(streams=4, world=2, workers=4, batch=8), "streams: 2 streams per rank .* multiple of workers=4"),
     (dict(streams=4, world=1, batch=30), "streams: 4 does not divide the global batch 30"),
     (dict(streams=0, world=2, workers=3, batch=10), "streams: 6 does not divide the global batch 10"),
     (dict(streams=4, world=1, batch=40, shuffle_buffer=-1), "shuffle_buffer: must be >= 0"),

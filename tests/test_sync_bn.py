@@ -68,6 +68,17 @@ def _rows(kind: str, rank: int) -> slice:
     return slice(start, start + split[rank])
 
 
+def _stage1_setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(7)
+    model = build_stage1(ModelConfig(family="infogan", latent_dim=4, width=1 / 16), 1, 16)
+    return model, torch.rand(4, 1, 16, 16), torch.randn(4, 4)
+
+
+def _stage1_grads(model: nn.Module, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+    model(x, eps)["loss"].backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -80,6 +91,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             for key in ("weight_grad", "bias_grad"):  # what DDP's gradient reduction would sum
                 dist.all_reduce(res[key])
             results[kind] = res
+        # A converted model must be accepted by DDP on CPU (it refuses nn.SyncBatchNorm there).
+        model, x, eps = _stage1_setup()
+        ddp = nn.parallel.DistributedDataParallel(convert_sync_batchnorm(model))
+        rows = slice(2 * rank, 2 * rank + 2)
+        results["stage1_grads"] = _stage1_grads(ddp, x[rows], eps[rows])
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -109,6 +125,16 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(two_rank_results, kind
     for key in ("weight_grad", "bias_grad", "running_mean", "running_var", "num_batches_tracked"):
         for r, res in enumerate(ranks):
             torch.testing.assert_close(res[key], ref[key], rtol=1e-4, atol=1e-4, msg=f"{kind} {key} rank {r}")
+
+
+def test_ddp_stage1_with_synced_bn_equals_one_process(two_rank_results):
+    model, x, eps = _stage1_setup()
+    ref = _stage1_grads(model, x, eps)
+    for res in two_rank_results:
+        got = {name.removeprefix("module."): g for name, g in res["stage1_grads"].items()}
+        assert list(got) == list(ref)
+        for name, grad in ref.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_conversion_keeps_weights_buffers_and_state_dict_keys():
@@ -146,7 +172,7 @@ def test_without_a_process_group_it_is_plain_batch_norm():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_it_is_torchs_sync_batch_norm():
     bn = convert_sync_batchnorm(nn.BatchNorm2d(3).cuda())
-    assert isinstance(bn, nn.SyncBatchNorm) and bn.running_mean.is_cuda
+    assert isinstance(bn, nn.SyncBatchNorm) and bn.running_mean.is_cuda  # torch's, for its kernels
     x = torch.randn(4, 3, 5, 5, device="cuda")
     ref = nn.BatchNorm2d(3).cuda()
     torch.testing.assert_close(bn(x), ref(x))  # no process group: torch's kernels, plain batch norm

@@ -98,6 +98,9 @@ class ClusterConfig:
     extra_sbatch: dict[str, Any] = field(default_factory=dict)  # further sbatch options, key -> value
     stage_overrides: dict[str, Any] = field(default_factory=dict)  # per stage: {evaluate: {nodes: 1}}
     poll_s: float = 1.0  # how often the launcher polls job states
+    wait: bool = True  # slurm: follow the jobs to the end, printing progress; false: submit and return
+    node_gpus: int = -1  # GPUs per node of this cluster: 0 = a CPU-only cluster, -1 = unknown (unchecked)
+    setup: list[str] = field(default_factory=list)  # slurm: shell lines each job runs first (module load...)
 
 
 @dataclass
@@ -185,6 +188,24 @@ def validate(cfg: RunConfig) -> None:
             f"{where}.tasks_per_node: must equal gpus_per_node ({sc.gpus_per_node}): one task per GPU",
         )
         _check(c.name == "slurm" or sc.nodes == 1, f"{where}.nodes: cluster=local runs on one node")
+        _check(
+            c.node_gpus < 0 or sc.gpus_per_node <= c.node_gpus,
+            f"{where}.gpus_per_node: {sc.gpus_per_node} GPU(s) requested but cluster.node_gpus is "
+            f"{c.node_gpus}"
+            + (" (a CPU-only cluster config: use gpus_per_node=0)" if c.node_gpus == 0 else ""),
+        )
+        _check(sc.cpus_per_task >= 1, f"{where}.cpus_per_task: must be >= 1, got {sc.cpus_per_task}")
+        _check(sc.mem_gb >= 0, f"{where}.mem_gb: must be >= 0 (0 = the cluster default), got {sc.mem_gb}")
+        _check(sc.time_min >= 1, f"{where}.time_min: must be >= 1 minute, got {sc.time_min}")
+        _check(
+            0 <= sc.signal_delay_s < sc.time_min * 60,
+            f"{where}.signal_delay_s: must be in [0, time_min x 60 = {sc.time_min * 60}), "
+            f"got {sc.signal_delay_s}",
+        )
+        _check(sc.max_requeues >= 0, f"{where}.max_requeues: must be >= 0, got {sc.max_requeues}")
+        _check("dependency" not in sc.extra_sbatch,
+               f"{where}.extra_sbatch.dependency: the launcher sets the dependencies between stages")
+    _check(c.poll_s > 0, f"cluster.poll_s: must be positive, got {c.poll_s}")
     validate_train(cfg.stage1, "stage1", cfg.world_size("stage1"))
     validate_train(cfg.stage2, "stage2", cfg.world_size("stage2"))
 

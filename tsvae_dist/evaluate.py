@@ -140,8 +140,8 @@ def run(cfg: RunConfig) -> str:
     # Diagnostics (rank 0).
     out_dir = manifest.stage_dir(cfg, STAGE)
     active = [v < cfg.eval.active_var_threshold for v in test["posterior_var"]]
-    gammas = {"gamma_x": math.exp(float(stage1.log_gamma)) if hasattr(stage1, "log_gamma") else None,
-              "gamma_z": math.exp(float(stage2.log_gamma))}
+    gammas = {"gamma_x": math.exp(stage1.log_gamma.item()) if hasattr(stage1, "log_gamma") else None,
+              "gamma_z": math.exp(stage2.log_gamma.item())}
     images = {
         "reconstructions": torch.cat(test["grid_pairs"]) if test["grid_pairs"] else None,
         "stage1_samples": grids["stage1"],

@@ -6,22 +6,28 @@ of test images, network hash) and reused by later runs.
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
 import numpy as np
 import torch
 
-from tsvae_dist import dist, storage  # noqa: F401
+from tsvae_dist import dist, storage
 from tsvae_dist.config import RunConfig
 from tsvae_dist.errors import ConfigError
-from tsvae_dist.fid import FeatureStats, frechet_distance, load_inception
+from tsvae_dist.fid import (
+    FEATURE_DIM,
+    FeatureStats,
+    extract_features,
+    frechet_distance,
+    load_inception,
+    load_reference_stats,
+    save_reference_stats,
+)
 from tsvae_dist.noise import stable_seed
 
 log = logging.getLogger(__name__)
 SETS = ("reconstructions", "stage1_samples", "stage2_samples")
-FEATURE_DIM = 2048
 
 
 def fid_unavailable_reason(cfg: RunConfig) -> str | None:
@@ -61,7 +67,11 @@ class FIDEvaluator:
         reason = fid_unavailable_reason(cfg)
         if reason is not None:
             return None, reason
+        if info.local_rank != 0:  # local rank 0 downloads into the cache first
+            dist.barrier()
         net = load_inception(cfg.eval.inception_weights, cfg.eval.inception_sha256 or None, cfg.eval.cache_dir)
+        if info.local_rank == 0:
+            dist.barrier()
         net = net.to(info.device).eval()
         weights_sha = getattr(net, "weights_sha256", "unknown")
         key = stable_seed(data["name"], storage.read_text(storage.join(cfg.dataset_root, "manifest.json")),
@@ -69,8 +79,8 @@ class FIDEvaluator:
         reference_url = storage.join(cfg.eval.cache_dir, "fid-reference", f"{data['name']}-{key:016x}.npz")
         reference = None
         if storage.exists(reference_url):
-            with np.load(io.BytesIO(storage.read_bytes(reference_url)), allow_pickle=False) as z:
-                reference = (z["mu"], z["sigma"])
+            mu, sigma, _ = load_reference_stats(reference_url)
+            reference = (mu, sigma)
         return cls(net, info.device, reference_url, reference), "computed"
 
     @torch.no_grad()
@@ -78,8 +88,9 @@ class FIDEvaluator:
         """Add a batch of images in [0, 1] (N, C, H, W) to set `name`."""
         if name == "test" and self.reference is not None:
             return  # cached
-        features = self.net(images.to(self.device).float() * 255.0)
-        self.stats[name].add(features.double().cpu())
+        # Quantise as an image file would: the TF graph is defined on uint8 pixels.
+        pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).to(self.device)
+        self.stats[name].add(extract_features(self.net, pixels).double().cpu())
 
     def finish(self) -> dict[str, float]:
         """All-reduce the sums; FID of each generated set against the test split's statistics."""
@@ -88,9 +99,7 @@ class FIDEvaluator:
         if self.reference is None:
             self.reference = self.stats["test"].mean_cov()
             if _is_rank0():
-                buf = io.BytesIO()
-                np.savez(buf, mu=self.reference[0], sigma=self.reference[1])
-                storage.write_bytes_atomic(self.reference_url, buf.getvalue())
+                save_reference_stats(self.reference_url, *self.reference, count=self.stats["test"].count)
         mu_ref, sigma_ref = self.reference
         out = {}
         for name in SETS:

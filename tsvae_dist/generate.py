@@ -39,7 +39,7 @@ def run(cfg: RunConfig) -> str:
         mine = list(range(info.rank, g.num, info.world_size))
         for start in range(0, len(mine), g.batch_size):
             indices = mine[start:start + g.batch_size]
-            for i, pixels in zip(indices, images(indices)):
+            for i, pixels in zip(indices, images(indices), strict=True):
                 storage.write_bytes_atomic(storage.join(out, f"{i:06d}.png"), png_bytes(pixels))
     else:  # shards: shard s holds samples [s * per_shard, (s + 1) * per_shard), shard s on rank s mod world
         n_shards = -(-g.num // g.samples_per_shard)
@@ -48,7 +48,8 @@ def run(cfg: RunConfig) -> str:
             records = []
             for start in range(0, len(indices), g.batch_size):
                 chunk = indices[start:start + g.batch_size]
-                records += [(f"sample-{i:08d}", {"png": encode_image(p)}) for i, p in zip(chunk, images(chunk))]
+                pixels = images(chunk)
+                records += [(f"sample-{i:08d}", {"png": encode_image(p)}) for i, p in zip(chunk, pixels, strict=True)]
             count, sha = write_shard(storage.join(out, "samples", f"shard-{s:06d}.tar"), records)
             storage.write_text_atomic(storage.join(out, "samples", f"shard-{s:06d}.tar.done"),
                                       json.dumps({"count": count, "sha256": sha}))

@@ -1,10 +1,26 @@
-"""The submitit callable of one stage job: a 20-line shell around the stage's `run(cfg)`."""
+"""The submitit callable of one stage job: a thin shell around the stage's `run(cfg)`.
+
+On Slurm it also owns requeueing. Its stop flag replaces submitit's signal handlers (which act on
+rank 0 only and ignore TERM) before anything else runs, so a signal only sets a flag, on every rank.
+A training stage stopped by USR1/USR2 has saved a checkpoint when `Preempted` reaches us: rank 0
+requeues the job while every task is still alive, then all exit without a submitit result (a
+requeued job runs this same pickled task again and resumes). Encode and evaluate skip finished work
+on restart, so on USR1/USR2 rank 0 requeues at once. TERM is never requeued by us: it is a partition
+preemption (Slurm requeues the job itself) or a cancellation (which must stay cancelled).
+"""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import sys
+import threading
 from typing import Any
+
+from tsvae_dist.preemption import Preempted, StopFlag
+
+log = logging.getLogger(__name__)
 
 STAGE_MODULES = {
     "stage1": "tsvae_dist.stage1",
@@ -12,6 +28,11 @@ STAGE_MODULES = {
     "stage2": "tsvae_dist.stage2",
     "evaluate": "tsvae_dist.evaluate",
 }
+TRAINING_STAGES = ("stage1", "stage2")  # stages that stop at a step boundary and checkpoint (trainer.py)
+
+
+class RequeueFailed(RuntimeError):
+    """A stopped stage could not put its job back in the queue (the job then fails, naming why)."""
 
 
 class StageTask:
@@ -22,11 +43,13 @@ class StageTask:
         self.config = config  # the resolved RunConfig as plain data (pickles without our classes)
 
     def __call__(self) -> str:
+        stop = StopFlag().install()  # first of all: from here on a signal only sets the flag
+
         import submitit
         import torch
 
         from tsvae_dist.cli import setup_logging
-        from tsvae_dist.config import from_container
+        from tsvae_dist.config import from_container, stage_cluster
 
         # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for torch.distributed and loader workers.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -35,7 +58,59 @@ class StageTask:
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
         setup_logging()
-        return importlib.import_module(STAGE_MODULES[self.stage]).run(cfg)
+        rank = int(os.environ.get("RANK", "0"))
+        max_requeues = stage_cluster(cfg.cluster, self.stage).max_requeues
+        on_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+        if on_slurm:
+            log.info("%s: Slurm job %s, attempt %d", self.stage, os.environ.get("SLURM_JOB_ID"),
+                     1 + int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+            if self.stage not in TRAINING_STAGES and rank == 0:
+                threading.Thread(target=_requeue_on_notice, args=(self.stage, stop, max_requeues),
+                                 daemon=True).start()
+        try:
+            return importlib.import_module(STAGE_MODULES[self.stage]).run(cfg)
+        except Preempted as e:
+            if not on_slurm:
+                raise
+            _requeue_and_exit(e, stop, rank, max_requeues)
+            raise  # unreachable: _requeue_and_exit exits or raises
 
     def __repr__(self) -> str:
         return f"StageTask({self.stage})"
+
+
+def _requeue_and_exit(stopped: Preempted, stop: StopFlag, rank: int, max_requeues: int) -> None:
+    """After a committed checkpoint: requeue (rank 0, all tasks alive), then exit every task."""
+    from tsvae_dist import dist
+    from tsvae_dist.slurm import requeue_current_job
+
+    if "SIGTERM" in stop.signals:
+        why_not = None
+        if rank == 0:
+            log.warning("%s; SIGTERM: the requeue (partition preemption) is Slurm's", stopped)
+    else:
+        why_not = requeue_current_job(max_requeues) if rank == 0 else None
+        if rank == 0 and why_not is None:
+            log.warning("%s; checkpoint committed, job %s requeued", stopped, os.environ.get("SLURM_JOB_ID"))
+    # A collective: no task exits before rank 0's requeue is registered, and all agree on the outcome.
+    why_not = dist.broadcast_object(why_not)
+    dist.shutdown()
+    if why_not is not None:
+        raise RequeueFailed(f"{stopped}; not requeued: {why_not}") from stopped
+    # SystemExit bypasses submitit's result file: the job is not over, its next attempt will write it.
+    sys.exit(0)
+
+
+def _requeue_on_notice(stage: str, stop: StopFlag, max_requeues: int) -> None:
+    """Encode/evaluate on rank 0: on USR1/USR2, requeue now; the restart skips the finished work."""
+    from tsvae_dist.slurm import requeue_current_job
+
+    stop.wait()
+    if "SIGTERM" in stop.signals:
+        return
+    why_not = requeue_current_job(max_requeues)
+    if why_not is None:
+        log.warning("%s: %s received; job %s requeued (the restart skips finished work)", stage,
+                    stop.signal_name or "stop request", os.environ.get("SLURM_JOB_ID"))
+    else:
+        log.error("%s: %s received but the job was not requeued: %s", stage, stop.signal_name, why_not)

@@ -8,7 +8,7 @@ whatever this says (see models/losses.py).
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from contextlib import AbstractContextManager as ContextManager
 
 import torch
 

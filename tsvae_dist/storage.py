@@ -16,6 +16,15 @@ from typing import IO
 import fsspec
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def _is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
@@ -105,6 +114,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

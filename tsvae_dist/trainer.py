@@ -113,10 +113,9 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     stop = stop or StopFlag().install()
 
     # Set up the model, DDP and the optimizer.
-    model = job.model
+    model = job.model.to(info.device)  # before converting BN: on CUDA that picks torch's fused SyncBatchNorm
     if info.distributed and use_sync_bn(cfg, info.world_size):
         model = convert_sync_batchnorm(model)
-    model = model.to(info.device)
     step_model: nn.Module = model
     if info.distributed:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
@@ -201,7 +200,7 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
                 names = sorted(window)
                 sums = dist.all_reduce_sum(torch.stack([window[k] for k in names]).double())
                 elapsed = time.perf_counter() - window_start
-                last_metrics = {k: float(s) / (window_steps * info.world_size) for k, s in zip(names, sums)}
+                last_metrics = {k: float(s) / (window_steps * info.world_size) for k, s in zip(names, sums, strict=True)}
                 last_metrics.update(
                     lr=lr, epoch=epoch, samples=step * cfg.batch_size,
                     samples_per_s=window_steps * cfg.batch_size / max(elapsed, 1e-9),

@@ -23,6 +23,7 @@ from tsvae_dist.errors import ConfigError
 from tsvae_dist.fid.inception import InceptionNet
 
 SETTING = "eval.inception_weights"  # the config key named in every error
+HASH_SETTING = "eval.inception_sha256"  # the config key of the expected full SHA-256
 STANDARD_FILE = "pt_inception-2015-12-05-6726825d.pth"
 _HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,64})\.")  # torch.hub's rule, with at least 8 hex digits
 
@@ -41,14 +42,14 @@ def expected_sha256(weights: str, sha256: str | None) -> str:
     if sha256:
         sha = sha256.strip().lower()
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
-            raise ConfigError(f"{SETTING}: the expected SHA-256 '{sha256}' is not 64 hex digits")
+            raise ConfigError(f"{SETTING}: the expected SHA-256 ({HASH_SETTING}) '{sha256}' is not 64 hex")
         return sha
     name = posixpath.basename(urllib.parse.urlparse(weights).path if _is_url(weights) else weights)
     match = _HASH_SUFFIX.search(name)
     if match is None:
         raise ConfigError(
             f"{SETTING}: cannot verify '{weights}': its name has no '-<sha256 prefix>.' suffix (as in "
-            f"{STANDARD_FILE}) and no expected SHA-256 was given; configure the file's full SHA-256")
+            f"{STANDARD_FILE}) and {HASH_SETTING} is not set; set it to the file's full SHA-256")
     return match.group(1)
 
 

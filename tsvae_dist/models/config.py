@@ -15,11 +15,11 @@ CHANNELS = (1, 3)
 
 @dataclass
 class ModelConfig:
+    """Both stages' networks. Defaults are the paper's (InfoGAN nets, κ = 64, stage 2 3×1024)."""
+
     family: str = "infogan"  # stage-1 networks: infogan (the paper's neutral nets) | wae (Table 2) | resnet
     latent_dim: int = 64  # κ, the dimension of z (and of u in stage 2)
-    decoder: str = (
-        "gaussian"  # gaussian (learned γ_x) | cross_entropy (Bernoulli; the "VAE (cross-entr.)" row)
-    )
+    decoder: str = "gaussian"  # gaussian (learned γ_x) | cross_entropy (Bernoulli: "VAE (cross-entr.)")
     width: float = 1.0  # multiplier on every stage-1 hidden channel/feature count; 1.0 = the paper's nets
     bn_momentum: float = 0.1  # BatchNorm running-stat momentum (torch convention; the original TF used 0.001)
     resnet_base_dim: int = 32  # resnet: channels of the first scale (the original's CelebA run: 32)

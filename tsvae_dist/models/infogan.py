@@ -36,6 +36,10 @@ def _sn(layer: nn.Module) -> nn.Module:
     return spectral_norm(init_normal(layer))
 
 
+# Layers followed by BatchNorm have no bias: BN removes it, so its exact gradient is zero and Adam
+# would turn rounding noise in that gradient into a random walk of the bias (and of BN's running mean).
+
+
 class InfoGANEncoder(nn.Module):
     def __init__(self, channels: int, resolution: int, latent_dim: int, width: float, bn_momentum: float):
         super().__init__()
@@ -43,9 +47,9 @@ class InfoGANEncoder(nn.Module):
         side = resolution // 4
         self.latent_dim = latent_dim
         self.conv1 = _sn(nn.Conv2d(channels, c1, 4, 2, 1))
-        self.conv2 = _sn(nn.Conv2d(c1, c2, 4, 2, 1))
+        self.conv2 = _sn(nn.Conv2d(c1, c2, 4, 2, 1, bias=False))
         self.bn2 = nn.BatchNorm2d(c2, momentum=bn_momentum)
-        self.fc3 = _sn(nn.Linear(c2 * side * side, hidden))
+        self.fc3 = _sn(nn.Linear(c2 * side * side, hidden, bias=False))
         self.bn3 = nn.BatchNorm1d(hidden, momentum=bn_momentum)
         self.fc4 = _sn(nn.Linear(hidden, 2 * latent_dim))
 
@@ -64,11 +68,11 @@ class InfoGANDecoder(nn.Module):
         c1, c2, hidden = scaled(64, width), scaled(128, width), scaled(1024, width)
         self.side = resolution // 4
         self.c2 = c2
-        self.fc1 = init_normal(nn.Linear(latent_dim, hidden))
+        self.fc1 = init_normal(nn.Linear(latent_dim, hidden, bias=False))
         self.bn1 = nn.BatchNorm1d(hidden, momentum=bn_momentum)
-        self.fc2 = init_normal(nn.Linear(hidden, c2 * self.side * self.side))
+        self.fc2 = init_normal(nn.Linear(hidden, c2 * self.side * self.side, bias=False))
         self.bn2 = nn.BatchNorm1d(c2 * self.side * self.side, momentum=bn_momentum)
-        self.deconv3 = init_normal(nn.ConvTranspose2d(c2, c1, 4, 2, 1))
+        self.deconv3 = init_normal(nn.ConvTranspose2d(c2, c1, 4, 2, 1, bias=False))
         self.bn3 = nn.BatchNorm2d(c1, momentum=bn_momentum)
         self.deconv4 = init_normal(nn.ConvTranspose2d(c1, channels, 4, 2, 1))
 

@@ -1,8 +1,8 @@
 """Synchronised BatchNorm for every backend: torch's on CUDA, our own on CPU (gloo).
 
 With DDP each rank sees batch / world samples; the paper's BatchNorm statistics are over the whole
-batch, so they must be reduced across ranks. torch's nn.SyncBatchNorm raises on CPU tensors, hence
-`DistributedBatchNorm` for CPU training and for the CPU parity tests.
+batch, so they must be reduced across ranks. torch's nn.SyncBatchNorm raises on CPU tensors (and
+DDP refuses it in a CPU module), hence `DistributedBatchNorm` for CPU training and the parity tests.
 """
 
 from __future__ import annotations
@@ -37,30 +37,43 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return _AllReduceSum.apply(tensor, group)
 
 
-class DistributedBatchNorm(nn.SyncBatchNorm):
-    """torch's SyncBatchNorm, extended to CPU tensors (gloo): (N, C) or (N, C, *) inputs.
+class DistributedBatchNorm(_BatchNorm):
+    """BatchNorm over the batch of every rank, for inputs (N, C) or (N, C, *) on any device.
 
-    Off the CPU it is torch's SyncBatchNorm (fused kernels). On the CPU in training, with a process
-    group of more than one rank, per-channel statistics come from two differentiable all-reduces in
-    float32: [Σx, count], then Σ(x − mean)². Two passes rather than Σx and Σx² in one, because
-    E[x²] − E[x]² cancels catastrophically in fp32 when |mean| ≫ std. Running stats update as
-    BatchNorm's (unbiased variance). Otherwise (eval mode, one process) it is plain batch norm.
-    Parameters and buffers are BatchNorm's, so state_dicts are interchangeable with nn.BatchNorm*d.
+    In training, with a process group of more than one rank, per-channel statistics come from two
+    differentiable all-reduces in float32: [Σx, count], then Σ(x − mean)². Two passes rather than
+    Σx and Σx² in one, because E[x²] − E[x]² cancels catastrophically in fp32 when |mean| ≫ std.
+    Running stats update as BatchNorm's (unbiased variance). Otherwise (eval mode, one process) it
+    is plain batch norm. Parameters and buffers are BatchNorm's, so state_dicts are interchangeable
+    with nn.BatchNorm*d. Not a subclass of nn.SyncBatchNorm on purpose: DDP refuses those on CPU.
     """
 
-    def _cpu_sync(self, input: torch.Tensor) -> bool:
-        if input.device.type != "cpu" or not self.training:
-            return False
-        if not (dist.is_available() and dist.is_initialized()):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of shape (N, C) or (N, C, ...); got {tuple(input.shape)}")
+
+    def _synchronise(self) -> bool:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
             return False
         return dist.get_world_size(self.process_group) > 1
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.device.type != "cpu":
+        if not self._synchronise():
             return super().forward(input)
-        if not self._cpu_sync(input):
-            # _BatchNorm's forward: SyncBatchNorm's would refuse CPU tensors once a group exists.
-            return _BatchNorm.forward(self, input)
         self._check_input_dim(input)
         channels = input.shape[1]
         reduce_dims = [0, *range(2, input.dim())]
@@ -98,14 +111,21 @@ class DistributedBatchNorm(nn.SyncBatchNorm):
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Replace every BatchNorm in `module` by a `DistributedBatchNorm`; returns the converted module.
+    """Replace every BatchNorm in `module` by a synchronised one; returns the converted module.
 
-    On CUDA the layers run torch's nn.SyncBatchNorm (they are one), on CPU our gloo-capable path,
-    decided per call, so converting before or after `.to(device)` is the same. Parameters and
-    buffers are the same objects as before, and state_dict keys are unchanged.
+    A module already on CUDA gets torch's nn.SyncBatchNorm (fused kernels); otherwise the layers
+    become `DistributedBatchNorm`, which is correct on any device (so converting before `.to(cuda)`
+    still works, only without torch's kernels: convert after moving). Parameters and buffers stay
+    the same objects, and state_dict keys are unchanged.
     """
+    if any(t.is_cuda for t in [*module.parameters(), *module.buffers()]):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    return _convert(module, process_group)
+
+
+def _convert(module: nn.Module, process_group) -> nn.Module:
     out = module
-    if isinstance(module, _BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+    if isinstance(module, _BatchNorm) and not isinstance(module, (DistributedBatchNorm, nn.SyncBatchNorm)):
         out = DistributedBatchNorm(
             module.num_features,
             module.eps,
@@ -122,7 +142,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         out.num_batches_tracked = module.num_batches_tracked
         out.train(module.training)
     for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, process_group))
+        out.add_module(name, _convert(child, process_group))
     return out
 
 

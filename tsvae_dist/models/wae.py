@@ -28,13 +28,17 @@ def resolution_error(resolution: int) -> str | None:
     return None
 
 
-def _conv(c_in: int, c_out: int, stride: int) -> nn.Conv2d:
-    return init_glorot(nn.Conv2d(c_in, c_out, 5, stride, padding=2))
+def _conv(c_in: int, c_out: int, stride: int, bias: bool = True) -> nn.Conv2d:
+    return init_glorot(nn.Conv2d(c_in, c_out, 5, stride, padding=2, bias=bias))
 
 
-def _deconv(c_in: int, c_out: int, stride: int) -> nn.ConvTranspose2d:
+def _deconv(c_in: int, c_out: int, stride: int, bias: bool = True) -> nn.ConvTranspose2d:
     # padding 2 + output_padding (stride - 1) gives TF 'same': side × stride.
-    return init_glorot(nn.ConvTranspose2d(c_in, c_out, 5, stride, padding=2, output_padding=stride - 1))
+    return init_glorot(nn.ConvTranspose2d(c_in, c_out, 5, stride, padding=2, output_padding=stride - 1, bias=bias))
+
+
+# Layers followed by BatchNorm have no bias: BN removes it, so its exact gradient is zero and Adam
+# would turn rounding noise in that gradient into a random walk.
 
 
 class WAEEncoder(nn.Module):
@@ -44,7 +48,7 @@ class WAEEncoder(nn.Module):
         layers: list[nn.Module] = []
         c_in = channels
         for dim, stride in zip(dims, (1, 2, 2, 2), strict=True):
-            layers += [_conv(c_in, dim, stride), nn.BatchNorm2d(dim, momentum=bn_momentum), nn.ReLU()]
+            layers += [_conv(c_in, dim, stride, bias=False), nn.BatchNorm2d(dim, momentum=bn_momentum), nn.ReLU()]
             c_in = dim
         self.features = nn.Sequential(*layers)
         flat = dims[-1] * (resolution // 8) ** 2
@@ -65,7 +69,7 @@ class WAEDecoder(nn.Module):
         layers: list[nn.Module] = []
         c_in = c0
         for dim in dims:
-            layers += [_deconv(c_in, dim, 2), nn.BatchNorm2d(dim, momentum=bn_momentum), nn.ReLU()]
+            layers += [_deconv(c_in, dim, 2, bias=False), nn.BatchNorm2d(dim, momentum=bn_momentum), nn.ReLU()]
             c_in = dim
         layers.append(_deconv(c_in, channels, 1))
         self.features = nn.Sequential(*layers)
