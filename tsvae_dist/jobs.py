@@ -75,6 +75,13 @@ class StageTask:
             _requeue_and_exit(e, stop, rank, max_requeues)
             raise  # unreachable: _requeue_and_exit exits or raises
 
+    def checkpoint(self) -> Any:
+        """submitit's own USR2 handler, live only during start-up (until `__call__` installs ours):
+        requeue this same task; a stage resumes from its artifacts whenever it starts."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(StageTask(self.stage, self.config))
+
     def __repr__(self) -> str:
         return f"StageTask({self.stage})"
 

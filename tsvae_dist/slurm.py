@@ -26,15 +26,15 @@ from dataclasses import dataclass
 from tsvae_dist import manifest, storage
 from tsvae_dist.config import STAGES, ClusterConfig, RunConfig, stage_cluster, to_container
 from tsvae_dist.errors import ConfigError
+from tsvae_dist.jobs import TRAINING_STAGES
 
 JOBS_FILE = "slurm_jobs.json"  # in run_dir: every submission of the run, with its job ids and log folder
-TRAINING_STAGES = ("stage1", "stage2")
 # Job states from which a job may still run (sacct shows a requeued job as PENDING again).
 ACTIVE_STATES = frozenset({
     "SUBMITTED",  # ours: submitted, not yet in accounting
     "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING",
-    "STAGE_OUT", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "PREEMPTED",
-})
+    "STAGE_OUT", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD",
+})  # PREEMPTED is not: a requeued job is back in the queue; one preempted for good is not
 # Lines of a task's error log that report a lost peer, not the cause: another rank's failure.
 _PEER_LOSS = ("DistBackendError", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
 ACCOUNTING_PATIENCE_S = 300  # how long `follow` keeps retrying while Slurm accounting does not answer
@@ -259,7 +259,10 @@ def run_slurm(cfg: RunConfig, planned: Sequence) -> None:
 
 
 def accounting(job_ids: Sequence[str]) -> dict[str, JobRecord]:
-    """The latest attempt of each job from Slurm accounting; jobs not yet recorded are absent."""
+    """Each job's latest attempt: the queue's view while Slurm holds the job, else accounting's.
+
+    Jobs neither queued nor (yet) in accounting are absent.
+    """
     if not job_ids:
         return {}
     fields = "JobIDRaw,State,ExitCode,Reason,Start,End"
@@ -275,11 +278,13 @@ def accounting(job_ids: Sequence[str]) -> dict[str, JobRecord]:
         # --duplicates lists a requeued job once per attempt, oldest first: the last line is current.
         state = state.split()[0] if state else "UNKNOWN"
         out[job_id] = JobRecord(job_id, state, exit_code, reason, start, end, attempts)
-    missing = [j for j in job_ids if j not in out]
-    if missing:  # accounting lags the controller by a moment: ask the queue
-        queue = _slurm(["squeue", "--noheader", f"--jobs={','.join(missing)}", "--format=%i|%T|%r"], check=False)
-        for line in queue.stdout.splitlines():
-            job_id, state, reason = line.strip().split("|")
+    # Accounting lags the controller by a moment; the queue is current for jobs it still holds.
+    queue = _slurm(["squeue", "--noheader", f"--jobs={','.join(job_ids)}", "--format=%i|%T|%r"], check=False)
+    for line in queue.stdout.splitlines():
+        job_id, state, reason = line.strip().split("|")
+        if job_id in out:
+            out[job_id].state, out[job_id].reason = state, reason
+        else:
             out[job_id] = JobRecord(job_id, state, "", reason, "", "", 1)
     return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,7 +163,8 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="img",
-                   desc=job.name, unit_scale=True, dynamic_ncols=True)
+                   desc=job.name, unit_scale=True, dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 30.0)  # batch logs: a line every 30 s
 
     # Train: the loop runs over (epoch, step-in-epoch) so a resume lands on the exact batch.
     model.train()
