@@ -17,9 +17,12 @@ from tsvae_dist import shardformat, storage
 from tsvae_dist.errors import DataError
 
 INTRINSIC_DIM = 4
-GENERATOR = "synthetic-disc/1"
+GENERATOR = "synthetic-disc/2"
 BACKGROUND = (0.08, 0.08, 0.08)  # RGB in [0,1]
 RADIUS = (0.12, 0.30)  # radius range, as a fraction of the resolution
+# Hue from red through green to blue, not round the whole wheel: a circle would need two latent
+# dimensions to embed continuously, and the true dimension would no longer be 4.
+HUE_MAX = 2.0 / 3.0
 SATURATION, VALUE = 0.85, 0.95  # fixed HSV saturation and value of the disc colour
 _SPLIT_STREAMS = {"train": 0, "test": 1}  # independent random streams per split
 _CHUNK = 1024  # images generated per vectorised chunk (bounds memory)
@@ -50,7 +53,7 @@ def sample_factors(rng: np.random.Generator, n: int, resolution: int) -> np.ndar
     x = rng.uniform(r_hi, resolution - r_hi, n)
     y = rng.uniform(r_hi, resolution - r_hi, n)
     r = rng.uniform(r_lo, r_hi, n)
-    hue = rng.uniform(0.0, 1.0, n)
+    hue = rng.uniform(0.0, HUE_MAX, n)
     return np.stack([x, y, r, hue], axis=1)
 
 
@@ -84,7 +87,7 @@ def build_synthetic(root_url: str, resolution: int = 32, train: int = 8192, test
         "generator": GENERATOR,
         "params": params,
         "factors": {"x": "uniform centre column, pixels", "y": "uniform centre row, pixels",
-                    "radius": f"uniform in {list(RADIUS)} x resolution", "hue": "uniform in [0, 1), HSV"},
+                    "radius": f"uniform in {list(RADIUS)} x resolution", "hue": f"uniform in [0, {HUE_MAX:.4g}), HSV"},
         "background": list(BACKGROUND),
     }
     return finish_dataset(root_url, name=f"synthetic-disc-{resolution}", kind="image",

@@ -97,3 +97,10 @@ def test_dry_run_shows_the_plan(tmp_path: Path) -> None:
         assert stage in proc.stdout
     assert proc.stdout.strip().splitlines()[-1].startswith("report: ")
     assert not (tmp_path / "run").exists()
+
+
+def test_cfg_job_prints_the_composed_config() -> None:
+    proc = subprocess.run([sys.executable, "launch/submit.py", "--cfg", "job", "dataset=celeba64"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "resolution: 64" in proc.stdout and "stage1:" in proc.stdout and "cluster:" in proc.stdout

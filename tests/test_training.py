@@ -91,3 +91,16 @@ def test_sigkill_then_rerun_resumes_bit_for_bit(tmp_path: Path, data_root: Path)
                              exact=True)
     steps = [m["step"] for m in metrics(killed)]
     assert steps == sorted(set(steps)), "metrics lines past the checkpoint must be replaced, not duplicated"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_fp32_loss_terms(tmp_path: Path, data_root: Path, precision: str) -> None:
+    extra = {"stage1.precision": precision, "stage1.epochs": 1, "stage1.log_every_steps": 4}
+    run_stage("stage1", tiny_overrides(data_root, tmp_path / precision, **extra), nproc=1)
+    lines = metrics(tmp_path / precision)
+    assert len(lines) == 4
+    assert all(torch.isfinite(torch.tensor([m["loss"], m["kl"], m["nll"]])).all() for m in lines)
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert lines[-1]["gamma"] < 1.0
+    state = torch.load(next((tmp_path / precision / "stage1" / "checkpoints").iterdir()), weights_only=True)
+    assert state["scaler"] == {} if precision == "bf16" else state["scaler"]["scale"] > 0  # GradScaler: fp16 only

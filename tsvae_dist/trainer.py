@@ -135,6 +135,9 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if info.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], info.device)
         if info.is_main:
             log.info("%s: resuming from %s at step %d/%d", job.name, state["url"], step, total_steps)
     metrics_log = MetricsLog(job.directory, step, enabled=info.is_main)
@@ -152,6 +155,10 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
                     "step_in_epoch": step % steps_per_epoch,
                     "config": job.resume_config,
                     "world_size": info.world_size,
+                    # Nothing in the loop draws from the global generators (noise is keyed by sample),
+                    # but whatever a model might draw resumes where it stopped.
+                    "rng": {"cpu": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state(info.device) if info.device.type == "cuda" else None},
                 },
                 step * cfg.batch_size,
             )
