@@ -47,12 +47,15 @@ def plain_loop(model: torch.nn.Module, images: torch.Tensor, steps: int, batch: 
     return steps * batch / (time.perf_counter() - start)
 
 
+WORKERS = 1
+
+
 def our_trainer(model: torch.nn.Module, root: str, steps_per_epoch: int, epochs: int, batch: int,
                 latent_dim: int, precision: str, workdir: str, info: dist.DistInfo) -> float:
     """Samples/s of tsvae_dist.trainer.train (loader, keyed noise, metrics, checkpoints)."""
     cfg = TrainConfig(batch_size=batch, epochs=epochs, lr=1e-4, precision=precision, progress_bar=False,
                       checkpoint_every_steps=10**9, log_every_steps=10,
-                      loader=LoaderConfig(workers=1, streams=1))
+                      loader=LoaderConfig(workers=WORKERS, streams=1))
     loader = StreamLoader(root, "train", global_batch=batch, rank=0, world=1, cfg=cfg.loader, seed=0)
 
     def inputs(b, epoch):

@@ -7,13 +7,17 @@
 #   S3      a one-node Ceph cluster (1 monitor, 1 bluestore OSD on a sparse file) and its S3 gateway
 #           (radosgw), a user with access keys and a bucket.
 #
-# Usage: launch/dev_cluster.sh up|down|status [--no-slurm] [--no-s3]
+# Usage: launch/dev_cluster.sh up|down|status [--no-slurm] [--no-s3]  |  gateway stop|start|pause|resume
 #   up      start what is not running yet (idempotent), wait until the 4 nodes are idle and the S3
 #           endpoint answers, then print the environment as `export` lines on stdout (progress goes
 #           to stderr) and write it to $STATE/env.sh. So: eval "$(launch/dev_cluster.sh up)".
 #   down    stop the daemons this script started, by the pids it recorded. State is kept: the next
 #           `up` restarts the same cluster (job ids, accounting, bucket contents survive).
 #   status  say what is running.
+#   gateway stop|start|pause|resume
+#           the S3 gateway (radosgw) alone, for outage tests; the Ceph daemons and Slurm keep running.
+#           stop/start: a server that refuses connections, then comes back (start waits until it
+#           answers); pause/resume: SIGSTOP/SIGCONT, a server that accepts connections but hangs.
 #
 # State: $TSVAE_DEV_CLUSTER_DIR (default: .dev_cluster/ in the repository root). Delete that folder
 # after `down` to start from nothing. Needs root (munged runs as user munge, /etc/hosts gets
@@ -53,7 +57,7 @@ PATH="$PATH:/usr/sbin:/sbin"
 log() { echo "dev_cluster: $*" >&2; }
 die() { echo "dev_cluster: error: $*" >&2; exit 1; }
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 # ---------------------------------------------------------------------------------------------
 # Daemons: started detached (own session), pid and binary recorded; stopped only if both match.
@@ -579,9 +583,29 @@ cmd_status() {
     [[ $any -eq 1 ]]
 }
 
+cmd_gateway() {
+    local pid
+    case "$GATEWAY_ACTION" in
+        stop) stop_daemons radosgw ;;
+        start) ceph_up ;;   # starts only what is not running, then waits for the endpoint
+        pause | resume)
+            pid=$(daemon_pid radosgw) || die "radosgw is not running"
+            if [[ $GATEWAY_ACTION == pause ]]; then kill -STOP "$pid"; else kill -CONT "$pid"; fi
+            log "radosgw (pid $pid): ${GATEWAY_ACTION}d"
+            ;;
+        *) usage ;;
+    esac
+}
+
 [[ $# -ge 1 ]] || usage
 ACTION=$1
 shift
+GATEWAY_ACTION=
+if [[ $ACTION == gateway ]]; then
+    [[ $# -ge 1 ]] || usage
+    GATEWAY_ACTION=$1
+    shift
+fi
 WANT_SLURM=1
 WANT_S3=1
 for arg in "$@"; do
@@ -603,5 +627,6 @@ case "$ACTION" in
     up) lock; cmd_up ;;
     down) lock; cmd_down ;;
     status) cmd_status ;;
+    gateway) lock; cmd_gateway ;;
     *) usage ;;
 esac

@@ -23,6 +23,8 @@ config_lib.register()
 def main(composed: DictConfig) -> None:
     from tsvae_dist.fid_eval import check_fid_config
     from tsvae_dist.launcher import launch, status
+    from tsvae_dist.slurm import SlurmError, StageFailed
+    from tsvae_dist.storage import StorageError
 
     try:
         cfg = config_lib.from_container(composed)
@@ -35,6 +37,9 @@ def main(composed: DictConfig) -> None:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (StageFailed, SlurmError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     print(f"report: {report}")
 
 

@@ -2,9 +2,16 @@
 
     python -m shards synthetic --out URL [--resolution 32] [--train 8192] [--test 1024]
                                [--samples-per-shard 512] [--seed 0]
+    python -m shards mnist   --src DIR --out URL      (train/t10k-images-idx3-ubyte[.gz])
+    python -m shards fashion --src DIR --out URL      (the same file names, Fashion-MNIST)
+    python -m shards cifar10 --src cifar-10-binary.tar.gz|DIR --out URL
+    python -m shards celeba  --src img_align_celeba/|img_align_celeba.zip --out URL
+                             [--resolution 64|128|256] [--crop 128|140] [--partition list_eval_partition.txt]
+    python -m shards folder  --src DIR --out URL [--resolution 64] [--channels 3] [--test-fraction 0.1]
     python -m shards verify URL
 
-One subcommand per data source; each builds shards and writes the manifest last.
+One subcommand per data source; each builds shards and writes the manifest last. Builders never
+download: fetch the raw files first. --out and --src take local paths or fsspec URLs (s3://...).
 """
 
 from __future__ import annotations
@@ -22,6 +29,35 @@ def _synthetic(args: argparse.Namespace) -> None:
     manifest = build_synthetic(args.out, resolution=args.resolution, train=args.train, test=args.test,
                                samples_per_shard=args.samples_per_shard, seed=args.seed)
     _summary(args.out, manifest)
+
+
+def _mnist(args: argparse.Namespace) -> None:
+    from shards.idx import build_idx
+
+    name = "mnist" if args.command == "mnist" else "fashion"
+    _summary(args.out, build_idx(args.src, args.out, name=name, samples_per_shard=args.samples_per_shard))
+
+
+def _cifar10(args: argparse.Namespace) -> None:
+    from shards.cifar10 import build_cifar10
+
+    _summary(args.out, build_cifar10(args.src, args.out, samples_per_shard=args.samples_per_shard))
+
+
+def _celeba(args: argparse.Namespace) -> None:
+    from shards.celeba import build_celeba
+
+    _summary(args.out, build_celeba(args.src, args.out, resolution=args.resolution, crop=args.crop,
+                                    partition=args.partition, samples_per_shard=args.samples_per_shard,
+                                    workers=args.workers))
+
+
+def _folder(args: argparse.Namespace) -> None:
+    from shards.folder import build_folder
+
+    _summary(args.out, build_folder(args.src, args.out, resolution=args.resolution, channels=args.channels,
+                                    test_fraction=args.test_fraction, name=args.name,
+                                    samples_per_shard=args.samples_per_shard, workers=args.workers))
 
 
 def _verify(args: argparse.Namespace) -> None:
@@ -56,6 +92,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-shard", type=int, default=512, help="samples per tar shard")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.set_defaults(run=_synthetic)
+
+    def source_parser(name: str, help: str, src_help: str, per_shard: int = 1000) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--src", required=True, help=src_help)
+        p.add_argument("--out", required=True, help="dataset directory URL (local path or fsspec URL)")
+        p.add_argument("--samples-per-shard", type=int, default=per_shard, help="samples per tar shard")
+        return p
+
+    for name, what in (("mnist", "MNIST"), ("fashion", "Fashion-MNIST")):
+        p = source_parser(name, f"{what} from the official idx files: 60,000 train / 10,000 test, 28x28 grey",
+                          "folder holding train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz")
+        p.set_defaults(run=_mnist)
+    p = source_parser("cifar10", "CIFAR-10 from the binary version: 50,000 train / 10,000 test, 32x32 RGB",
+                      "cifar-10-binary.tar.gz, or the folder cifar-10-batches-bin (or its parent)")
+    p.set_defaults(run=_cifar10)
+    p = source_parser("celeba", "CelebA aligned images: the paper's 128x128 crop, resized with an antialiased "
+                      "filter", "the folder img_align_celeba or img_align_celeba.zip")
+    p.add_argument("--resolution", type=int, default=64, choices=(64, 128, 256), help="output side in pixels")
+    p.add_argument("--crop", type=int, default=128, choices=(128, 140),
+                   help="128: rows 45:173, cols 25:153 (the paper's); 140: the 140x140 centre")
+    p.add_argument("--partition", default="", help="list_eval_partition.txt (default: the official split "
+                   "by image number)")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding and resizing images")
+    p.set_defaults(run=_celeba)
+    p = source_parser("folder", "any folder of images (recursive): centre square, antialiased resize",
+                      "the folder of images")
+    p.add_argument("--resolution", type=int, default=64, help="output side in pixels")
+    p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="1: grey, 3: RGB")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="expected share of the test split")
+    p.add_argument("--name", default="folder", help="dataset name recorded in the manifest")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding and resizing images")
+    p.set_defaults(run=_folder)
 
     p = sub.add_parser("verify", help="check every shard's hash and count and decode every sample")
     p.add_argument("url", help="dataset directory or manifest URL")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +74,25 @@ def run_stage(module: str, overrides: list[str], nproc: int = 1, timeout: int = 
 
 def load_model(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(path.read_bytes()), weights_only=True)["model"]
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and everything under it, like a node lost. (killpg is not enough: torchrun starts
+    every rank in a session of its own.) Frozen first, so nothing forks in between."""
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in descendants(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+    proc.wait()

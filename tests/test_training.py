@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.stagerun import REPO, env, load_model, run_stage, stage_command, tiny_overrides
+from tests.stagerun import REPO, env, kill_job, load_model, run_stage, stage_command, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +39,8 @@ def test_one_vs_two_processes_same_losses_and_parameters(tmp_path: Path, data_ro
     in the gradient, so rounding differences (a 2-way all-reduce sums in another order) stay small
     over the steps compared.
     """
-    extra = {"stage1.log_every_steps": 1, "stage1.sync_bn": "on", "stage1.epochs": 1, "stage1.adam_eps": 1e-3}
+    extra = {"stage1.log_every_steps": 1, "stage1.sync_bn": "on", "stage1.epochs": 1, "stage1.adam_eps": 1e-3,
+             "stage1.checkpoint_every_steps": 4, "stage1.keep_checkpoints": 4}
     one, two = tmp_path / "one", tmp_path / "two"
     run_stage("stage1", tiny_overrides(data_root, one, **extra), nproc=1)
     run_stage("stage1", tiny_overrides(data_root, two, **extra), nproc=2)
@@ -52,8 +51,8 @@ def test_one_vs_two_processes_same_losses_and_parameters(tmp_path: Path, data_ro
     for a, b in zip(m1[:8], m2[:8], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-3), a["step"]
-    # Parameters after 8 steps (the checkpoint at 256 samples): equal to well within one Adam step (lr 1e-3).
-    ckpt = "stage1/checkpoints/ckpt-000000000256.pt"
+    # Parameters after 4 steps (the checkpoint at 128 samples): equal to well within one Adam step (lr 1e-3).
+    ckpt = "stage1/checkpoints/ckpt-000000000128.pt"
     p1 = torch.load(one / ckpt, weights_only=True)["model"]
     p2 = torch.load(two / ckpt, weights_only=True)["model"]
     assert_state_dicts_equal(p1, p2, exact=False, rtol=0.0, atol=5e-4)
@@ -74,8 +73,7 @@ def test_sigkill_then_rerun_resumes_bit_for_bit(tmp_path: Path, data_root: Path)
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_job(proc)
     assert not (killed / "stage1" / "model.pt").exists(), "killed too late: the run had finished"
 
     # A changed result-affecting setting is refused, naming the key; nothing is overwritten.

@@ -36,16 +36,19 @@ def setup_logging() -> None:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    for noisy in ("aiobotocore", "botocore", "s3fs"):  # credential look-ups are not news
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(run: Callable[[RunConfig], Any], argv: Sequence[str] | None = None) -> None:
     from tsvae_dist.errors import CheckpointError, ConfigError, DataError
+    from tsvae_dist.storage import StorageError
 
     setup_logging()
     try:
         cfg = compose(sys.argv[1:] if argv is None else argv)
         result = run(cfg)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if os.environ.get("RANK", "0") == "0":

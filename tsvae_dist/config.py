@@ -55,7 +55,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 256  # global batch for encoding test images and generating samples
+    """The encode and evaluate stages: how much to measure, FID, and how the work is chunked."""
+
+    batch_size: int = 256  # images per forward pass on each rank (encoding, evaluation, sampling); fixes the
+    # chunks work is done in, so results do not depend on the world size
     num_samples: int = 10_000  # generated samples per FID set (the paper: 10,000)
     num_test: int = 10_000  # test images for reconstructions / reference statistics (capped by the split)
     grid_images: int = 64  # images in each PNG sample grid
@@ -64,6 +67,8 @@ class EvalConfig:
     inception_weights: str = ""  # path or URL of pt_inception-2015-12-05-6726825d.pth ("" = none)
     inception_sha256: str = ""  # expected SHA-256 of the weights ("" = taken from the file name's suffix)
     cache_dir: str = ".cache/tsvae"  # where downloaded weights and reference statistics are cached
+    workers: int = 2  # processes per rank decoding image shards ahead of the encoder/evaluator (0 = inline)
+    checkpoint_every_s: float = 300.0  # evaluation saves its partial sums at most this often (0 = every unit)
 
 
 @dataclass
@@ -215,6 +220,8 @@ def validate(cfg: RunConfig) -> None:
     _check(e.num_test > 0, "eval.num_test: must be positive")
     _check(e.batch_size > 0, "eval.batch_size: must be positive")
     _check(e.grid_images > 0, "eval.grid_images: must be positive")
+    _check(e.workers >= 0, f"eval.workers: must be >= 0 (0 = decode in the main process), got {e.workers}")
+    _check(e.checkpoint_every_s >= 0, f"eval.checkpoint_every_s: must be >= 0, got {e.checkpoint_every_s}")
     g = cfg.generate
     _check(g.mode in ("stage1", "stage2"), f"generate.mode: {g.mode!r} is not stage1|stage2")
     _check(g.format in ("png", "shards"), f"generate.format: {g.format!r} is not png|shards")

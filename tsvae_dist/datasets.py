@@ -23,9 +23,11 @@ def ensure_dataset(cfg: RunConfig) -> dict[str, Any]:
         try:
             manifest = read_manifest(root)
         except (FileNotFoundError, DataError) as e:
+            source = "celeba" if cfg.dataset.name.startswith("celeba") else cfg.dataset.name
+            resolution = f" --resolution {cfg.dataset.resolution}" if source == "celeba" else ""
             raise DataError(
                 f"dataset.root: no usable shards at {root} ({e}); build them with `python -m shards "
-                f"{cfg.dataset.name} --out {root} ...` (see README)"
+                f"{source} --src <downloaded files> --out {root}{resolution}` (see README)"
             ) from None
     want = [cfg.dataset.channels, cfg.dataset.resolution, cfg.dataset.resolution]
     if manifest["kind"] != "image" or list(manifest["shape"]) != want:

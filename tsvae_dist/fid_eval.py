@@ -1,11 +1,17 @@
 """FID inside the evaluation job: Inception features reduced as sufficient statistics across ranks.
 
-Reference statistics of the test split are cached in storage by (dataset manifest hash, number
-of test images, network hash) and reused by later runs.
+`eval.fid` decides what happens when the Inception weights are not usable: `required` fails the
+configuration check before any job is submitted (`check_fid_config`, called by launch/submit.py),
+`auto` evaluates without FID and says in the report what to configure, `off` skips FID.
+
+Reference statistics of the test split (the first `eval.num_test` images, the training
+preprocessing) are cached in storage under a name made of the dataset manifest's hash, the
+resolution, the number of images and the network's hash, and reused by later runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -24,90 +30,151 @@ from tsvae_dist.fid import (
     load_reference_stats,
     save_reference_stats,
 )
-from tsvae_dist.noise import stable_seed
+from tsvae_dist.fid.weights import STANDARD_FILE, expected_sha256
 
 log = logging.getLogger(__name__)
-SETS = ("reconstructions", "stage1_samples", "stage2_samples")
+SETS = ("reconstructions", "stage1_samples", "stage2_samples")  # the paper's three FIDs
+TEST = "test"  # the reference set's name among the statistics
 
 
 def fid_unavailable_reason(cfg: RunConfig) -> str | None:
-    """Why FID cannot be computed under this config (None when it can be attempted)."""
+    """Why FID is not attempted under this config (None when it is)."""
     if cfg.eval.fid == "off":
         return "off (eval.fid=off)"
     if not cfg.eval.inception_weights:
-        return ("skipped: eval.inception_weights is not set; set it to the path or URL of "
-                "pt_inception-2015-12-05-6726825d.pth (and eval.fid=required to insist)")
+        return (f"skipped: eval.inception_weights is not set; set it to the path or URL of {STANDARD_FILE} "
+                "(and eval.fid=required to insist)")
     return None
 
 
+def _local_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with storage.open_read(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_fid_config(cfg: RunConfig) -> None:
-    """Before any job: with eval.fid=required, the weights must be configured and present."""
+    """Before any job: with eval.fid=required the weights must be configured, present and verified.
+
+    A local file is hashed here (a second, cheap read); a URL is checked by the evaluation job,
+    which downloads it once into eval.cache_dir.
+    """
     if cfg.eval.fid != "required":
         return
     reason = fid_unavailable_reason(cfg)
     if reason is not None:
-        raise ConfigError(f"eval.inception_weights: eval.fid=required but {reason}")
-    w = cfg.eval.inception_weights
-    if "://" not in w and not storage.exists(w):
-        raise ConfigError(f"eval.inception_weights: eval.fid=required but {w} does not exist")
+        raise ConfigError(f"eval.inception_weights: eval.fid=required but it is not set; set it to the path or "
+                          f"URL of {STANDARD_FILE} (or eval.fid=auto to evaluate without FID)")
+    weights = cfg.eval.inception_weights
+    expected = expected_sha256(weights, cfg.eval.inception_sha256 or None)  # ConfigError naming the setting
+    if "://" in weights:
+        return
+    if not storage.exists(weights):
+        raise ConfigError(f"eval.inception_weights: eval.fid=required but '{weights}' does not exist; set it to "
+                          f"the path or URL of {STANDARD_FILE}")
+    got = _local_sha256(weights)
+    if not got.startswith(expected):
+        raise ConfigError(f"eval.inception_weights: '{weights}' has SHA-256 {got}, expected {expected}...; "
+                          f"point it at {STANDARD_FILE} (or set eval.inception_sha256)")
+
+
+def reference_url(cfg: RunConfig, data: dict[str, Any], n_test: int, weights_sha: str) -> str:
+    """Where the test split's reference statistics are cached for this dataset, size and network."""
+    manifest_sha = hashlib.sha256(storage.read_bytes(storage.join(cfg.dataset_root, "manifest.json"))).hexdigest()
+    name = (f"{data['name']}-{cfg.dataset.resolution}px-test{n_test}-data{manifest_sha[:16]}"
+            f"-net{weights_sha[:16]}.npz")
+    return storage.join(cfg.eval.cache_dir, "fid-reference", name)
 
 
 class FIDEvaluator:
-    """Accumulates Inception statistics per image set; `finish` reduces them and returns FIDs."""
+    """Accumulates Inception statistics per image set; `finish` reduces them and returns the FIDs.
+
+    The per-rank partial sums are exposed through `state_dict`/`load_state_dict` so a preempted
+    evaluation resumes without recomputing features.
+    """
 
     def __init__(self, net: torch.nn.Module, device: torch.device, reference_url: str,
                  reference: tuple[np.ndarray, np.ndarray] | None):
         self.net, self.device = net, device
-        self.reference_url, self.reference = reference_url, reference
-        self.stats = {name: FeatureStats(FEATURE_DIM) for name in ("test", *SETS)}
+        self.reference_url = reference_url
+        self.reference = reference  # (μ, Σ) of the test split when cached, else computed in `finish`
+        self.reference_cached = reference is not None
+        names = SETS if self.reference_cached else (TEST, *SETS)
+        self.stats = {name: FeatureStats(FEATURE_DIM, device) for name in names}
 
     @classmethod
-    def create(cls, cfg: RunConfig, data: dict[str, Any], info: dist.DistInfo) -> tuple[FIDEvaluator | None, str]:
-        """An evaluator, or None with the reason FID is skipped (eval.fid=auto without weights)."""
+    def create(cls, cfg: RunConfig, data: dict[str, Any], n_test: int, info: dist.DistInfo
+               ) -> tuple[FIDEvaluator | None, str]:
+        """An evaluator, or None and the reason FID is skipped (eval.fid=auto with unusable weights)."""
         reason = fid_unavailable_reason(cfg)
         if reason is not None:
             return None, reason
-        if info.local_rank != 0:  # local rank 0 downloads into the cache first
-            dist.barrier()
-        net = load_inception(cfg.eval.inception_weights, cfg.eval.inception_sha256 or None, cfg.eval.cache_dir)
-        if info.local_rank == 0:
-            dist.barrier()
+        try:
+            if info.local_rank != 0:  # local rank 0 downloads into the cache first
+                dist.barrier()
+            try:
+                net = load_inception(cfg.eval.inception_weights, cfg.eval.inception_sha256 or None,
+                                     cfg.eval.cache_dir)
+            finally:
+                if info.local_rank == 0:
+                    dist.barrier()
+        except ConfigError as e:
+            if cfg.eval.fid == "required":
+                raise
+            return None, f"skipped: {e} (eval.fid=auto)"
         net = net.to(info.device).eval()
-        weights_sha = getattr(net, "weights_sha256", "unknown")
-        key = stable_seed(data["name"], storage.read_text(storage.join(cfg.dataset_root, "manifest.json")),
-                          min(cfg.eval.num_test, data["splits"]["test"]["count"]), weights_sha)
-        reference_url = storage.join(cfg.eval.cache_dir, "fid-reference", f"{data['name']}-{key:016x}.npz")
+        url = reference_url(cfg, data, n_test, net.weights_sha256 or "unknown")
         reference = None
-        if storage.exists(reference_url):
-            mu, sigma, _ = load_reference_stats(reference_url)
+        # One decision for all ranks: they must accumulate the same sets (another run may write the cache now).
+        if dist.broadcast_object(storage.exists(url)):
+            mu, sigma, _ = load_reference_stats(url)
             reference = (mu, sigma)
-        return cls(net, info.device, reference_url, reference), "computed"
+            log.info("FID reference statistics: cached %s", url)
+        return cls(net, info.device, url, reference), "computed"
+
+    @property
+    def needs_test(self) -> bool:
+        """True when the test split's features must be computed (no cached reference)."""
+        return not self.reference_cached
 
     @torch.no_grad()
     def add(self, name: str, images: torch.Tensor) -> None:
         """Add a batch of images in [0, 1] (N, C, H, W) to set `name`."""
-        if name == "test" and self.reference is not None:
-            return  # cached
+        if name == TEST and self.reference_cached:
+            return
         # Quantise as an image file would: the TF graph is defined on uint8 pixels.
         pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).to(self.device)
-        self.stats[name].add(extract_features(self.net, pixels).double().cpu())
+        self.stats[name].add(extract_features(self.net, pixels))
 
-    def finish(self) -> dict[str, float]:
-        """All-reduce the sums; FID of each generated set against the test split's statistics."""
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """This rank's partial sums of every set."""
+        return {name: stats.state_dict() for name, stats in self.stats.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        for name, stats in self.stats.items():
+            stats.load_state_dict(state[name])
+
+    def finish(self, is_main: bool) -> dict[str, Any]:
+        """All-reduce the sums (a collective: every rank calls it); FID of each set against the test split.
+
+        Only rank 0 (`is_main`) computes the distances (three 2048-d eigendecompositions; the other
+        ranks return {}) and writes the reference statistics to the cache when they were computed here.
+        """
         for stats in self.stats.values():
             stats.all_reduce()
+        if not is_main:
+            return {}
         if self.reference is None:
-            self.reference = self.stats["test"].mean_cov()
-            if _is_rank0():
-                save_reference_stats(self.reference_url, *self.reference, count=self.stats["test"].count)
+            self.reference = self.stats[TEST].mean_cov()
+            save_reference_stats(self.reference_url, *self.reference, count=self.stats[TEST].count)
         mu_ref, sigma_ref = self.reference
-        out = {}
+        out: dict[str, Any] = {}
         for name in SETS:
             if self.stats[name].count > 1:
                 mu, sigma = self.stats[name].mean_cov()
                 out[name] = float(frechet_distance(mu, sigma, mu_ref, sigma_ref))
+        out["counts"] = {name: stats.count for name, stats in self.stats.items()}
+        out["reference"] = {"url": self.reference_url, "cached": self.reference_cached}
         return out
-
-
-def _is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -1,8 +1,12 @@
 """Generate: N samples from a finished run, as PNG files or WebDataset image shards.
 
 `python -m tsvae_dist.generate run_dir=runs/synthetic generate.num=1000 [generate.mode=stage1]`
-(under torchrun or srun the ranks share the work). Sample i is keyed by (seed, i): the output
-does not depend on the world size or the batch size.
+(under torchrun or srun the ranks share the work). Sample i is keyed by (seed, i) and decoded in
+the same fixed chunk of `generate.batch_size` samples whichever rank does it, so the output is
+byte-identical for any world size; another batch size draws the same noise, and the images differ
+at most by float rounding (batched kernels pick their summation order by shape). With
+`generate.format=shards` each finished shard gets a done marker, and a re-run skips the shards
+made from the same models and settings.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ from tsvae_dist.sampling import png_bytes, sample_images, to_uint8_hwc
 
 def output_url(cfg: RunConfig) -> str:
     return cfg.generate.out or storage.join(cfg.run_dir, "generate", cfg.generate.mode)
+
+
+def _is_done(done_url: str, source: dict, count: int) -> bool:
+    if not storage.exists(done_url):
+        return False
+    marker = json.loads(storage.read_text(done_url))
+    return marker.get("source") == source and marker.get("count") == count
 
 
 def run(cfg: RunConfig) -> str:
@@ -35,30 +46,36 @@ def run(cfg: RunConfig) -> str:
                               info.device)
         return to_uint8_hwc(batch)
 
-    if g.format == "png":
-        mine = list(range(info.rank, g.num, info.world_size))
-        for start in range(0, len(mine), g.batch_size):
-            indices = mine[start:start + g.batch_size]
+    if g.format == "png":  # chunk c holds samples [c * batch, (c + 1) * batch), chunk c on rank c mod world
+        for start in range(info.rank * g.batch_size, g.num, info.world_size * g.batch_size):
+            indices = list(range(start, min(start + g.batch_size, g.num)))
             for i, pixels in zip(indices, images(indices), strict=True):
                 storage.write_bytes_atomic(storage.join(out, f"{i:06d}.png"), png_bytes(pixels))
     else:  # shards: shard s holds samples [s * per_shard, (s + 1) * per_shard), shard s on rank s mod world
         n_shards = -(-g.num // g.samples_per_shard)
+        # What a shard depends on: a finished shard made from the same models and settings is skipped.
+        source = {"mode": g.mode, "seed": cfg.seed, "samples_per_shard": g.samples_per_shard,
+                  "models": [manifest.sha256_of(storage.join(manifest.stage_dir(cfg, s), "model.pt"))
+                             for s in (("stage1", "stage2") if g.mode == "stage2" else ("stage1",))]}
         for s in range(info.rank, n_shards, info.world_size):
             indices = list(range(s * g.samples_per_shard, min((s + 1) * g.samples_per_shard, g.num)))
+            done_url = storage.join(out, "samples", f"shard-{s:06d}.tar.done")
+            if _is_done(done_url, source, len(indices)):
+                continue
             records = []
             for start in range(0, len(indices), g.batch_size):
                 chunk = indices[start:start + g.batch_size]
                 pixels = images(chunk)
                 records += [(f"sample-{i:08d}", {"png": encode_image(p)}) for i, p in zip(chunk, pixels, strict=True)]
             count, sha = write_shard(storage.join(out, "samples", f"shard-{s:06d}.tar"), records)
-            storage.write_text_atomic(storage.join(out, "samples", f"shard-{s:06d}.tar.done"),
-                                      json.dumps({"count": count, "sha256": sha}))
+            storage.write_text_atomic(done_url, json.dumps({"count": count, "sha256": sha, "source": source}))
         dist.barrier()
         if info.is_main:
             shards = []
             for s in range(n_shards):
                 marker = json.loads(storage.read_text(storage.join(out, "samples", f"shard-{s:06d}.tar.done")))
-                shards.append({"name": f"samples/shard-{s:06d}.tar", **marker})
+                shards.append({"name": f"samples/shard-{s:06d}.tar", "count": marker["count"],
+                               "sha256": marker["sha256"]})
             write_manifest(out, {
                 "format": "tsvae-shards/1", "name": f"{cfg.dataset.name}-{g.mode}-samples", "kind": "image",
                 "shape": [cfg.dataset.channels, cfg.dataset.resolution, cfg.dataset.resolution],

@@ -1,12 +1,13 @@
 """The submitit callable of one stage job: a thin shell around the stage's `run(cfg)`.
 
 On Slurm it also owns requeueing. Its stop flag replaces submitit's signal handlers (which act on
-rank 0 only and ignore TERM) before anything else runs, so a signal only sets a flag, on every rank.
-A training stage stopped by USR1/USR2 has saved a checkpoint when `Preempted` reaches us: rank 0
-requeues the job while every task is still alive, then all exit without a submitit result (a
-requeued job runs this same pickled task again and resumes). Encode and evaluate skip finished work
-on restart, so on USR1/USR2 rank 0 requeues at once. TERM is never requeued by us: it is a partition
-preemption (Slurm requeues the job itself) or a cancellation (which must stay cancelled).
+rank 0 only and ignore TERM) before anything else runs, so a signal only sets a flag, on every rank;
+the stage's own flag shares it. Every stage agrees on the flag across ranks at its next boundary
+(a training step, a shard, a round of evaluation units), saves its progress and raises `Preempted`.
+Then, for USR1/USR2, rank 0 requeues the job while every task is still alive, and all exit without a
+submitit result: the requeued job runs this same pickled task again, which resumes. TERM is never
+requeued by us: it is a partition preemption (Slurm requeues the job itself) or a cancellation
+(which must stay cancelled).
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import importlib
 import logging
 import os
 import sys
-import threading
 from typing import Any
 
-from tsvae_dist.preemption import Preempted, StopFlag
+from tsvae_dist.preemption import Preempted, StopFlag, ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ STAGE_MODULES = {
     "stage2": "tsvae_dist.stage2",
     "evaluate": "tsvae_dist.evaluate",
 }
-TRAINING_STAGES = ("stage1", "stage2")  # stages that stop at a step boundary and checkpoint (trainer.py)
 
 
 class RequeueFailed(RuntimeError):
@@ -64,16 +63,18 @@ class StageTask:
         if on_slurm:
             log.info("%s: Slurm job %s, attempt %d", self.stage, os.environ.get("SLURM_JOB_ID"),
                      1 + int(os.environ.get("SLURM_RESTART_COUNT") or 0))
-            if self.stage not in TRAINING_STAGES and rank == 0:
-                threading.Thread(target=_requeue_on_notice, args=(self.stage, stop, max_requeues),
-                                 daemon=True).start()
         try:
-            return importlib.import_module(STAGE_MODULES[self.stage]).run(cfg)
+            result = importlib.import_module(STAGE_MODULES[self.stage]).run(cfg)
         except Preempted as e:
             if not on_slurm:
                 raise
             _requeue_and_exit(e, stop, rank, max_requeues)
             raise  # unreachable: _requeue_and_exit exits or raises
+        # Done: a late notice (a time limit near) must not kill the exiting process, which would fail
+        # the finished job and cancel its dependents. Python resets its own handlers as it exits; an
+        # ignored signal stays ignored.
+        ignore_stop_signals()
+        return result
 
     def checkpoint(self) -> Any:
         """submitit's own USR2 handler, live only during start-up (until `__call__` installs ours):
@@ -105,19 +106,6 @@ def _requeue_and_exit(stopped: Preempted, stop: StopFlag, rank: int, max_requeue
     if why_not is not None:
         raise RequeueFailed(f"{stopped}; not requeued: {why_not}") from stopped
     # SystemExit bypasses submitit's result file: the job is not over, its next attempt will write it.
+    ignore_stop_signals()  # Slurm's TERM to the requeued job's processes: exit cleanly, not by signal
     sys.exit(0)
 
-
-def _requeue_on_notice(stage: str, stop: StopFlag, max_requeues: int) -> None:
-    """Encode/evaluate on rank 0: on USR1/USR2, requeue now; the restart skips the finished work."""
-    from tsvae_dist.slurm import requeue_current_job
-
-    stop.wait()
-    if "SIGTERM" in stop.signals:
-        return
-    why_not = requeue_current_job(max_requeues)
-    if why_not is None:
-        log.warning("%s: %s received; job %s requeued (the restart skips finished work)", stage,
-                    stop.signal_name or "stop request", os.environ.get("SLURM_JOB_ID"))
-    else:
-        log.error("%s: %s received but the job was not requeued: %s", stage, stop.signal_name, why_not)

@@ -27,16 +27,39 @@ sees what the uninterrupted one would have. The pipeline, stage by stage:
    micro-batches of a step consecutively in stream order (each carries its (step, stream) tag and
    the order is checked), and they are concatenated into the rank's batch for the step.
 6. Resume: `epoch(e, start_step=s)` makes every stream pass its first s·micro_batch samples through
-   the same shuffle without decoding them, then yields steps s, s+1, ...: the tail of `epoch(e)`.
+   the same shuffle without decoding them (decoding them when bad samples may be skipped, so the
+   same ones are skipped), then yields steps s, s+1, ...: the tail of `epoch(e)`.
 
-Decoding is PNG/JPEG through PIL and `.npy` with allow_pickle=False, nothing else (shardformat).
+What is repeated or dropped, in short: with S streams, global batch B and a split of C samples, an
+epoch is ⌊C/B⌋ steps; each stream yields N = ⌊C/B⌋·B/S samples. A stream holding more than N
+samples drops its surplus this epoch (a different surplus every epoch); one holding fewer repeats
+some of its samples (shuffled again). No sample is dropped or repeated when every stream holds
+exactly N samples, e.g. equal shards, a shard count divisible by S, and B dividing C.
+
+Guard rails: a shard is read whole and checked (SHA-256, tar structure, sample count) before any of
+its samples is used; samples are decoded strictly (extension, shape, dtype). Any failure is a
+DataError naming the shard and the sample key, and stops the job, unless `max_skipped_samples`
+allows skipping: then each bad sample (or each sample of a bad shard) is logged with its shard and
+key and counted once per rank and epoch; one more than the limit stops the job. An unreachable store
+is never skipped: storage retries for a bounded time and then raises StorageError naming the URL.
+
+Decoding is PNG/JPEG through PIL and `.npy` with allow_pickle=False, nothing else (shardformat). This
+loader reads the shards itself rather than through a webdataset pipeline: webdataset 1.0.2 has no
+deterministic dealing, no equal batch counts and no exact resume. The shards are plain webdataset
+tars, and `storage.register_webdataset_opener` serves s3:// (and other fsspec URLs) to webdataset
+pipelines built elsewhere.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import logging
+import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 import torch
@@ -44,6 +67,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tsvae_dist import shardformat
 from tsvae_dist.errors import ConfigError, DataError
+from tsvae_dist.preemption import ignore_stop_signals
+from tsvae_dist.storage import StorageError
+
+log = logging.getLogger(__name__)
 
 _START_METHODS = ("fork", "spawn", "forkserver")
 _SHARD_ORDER, _STREAM_SHUFFLE = 0, 1  # domain tags: keep the two random streams independent
@@ -67,6 +94,12 @@ class LoaderConfig:
     """Micro-batches each worker prepares ahead (ignored when workers is 0)."""
     start_method: str = "fork"
     """How worker processes start: fork (fastest to start), spawn or forkserver."""
+    max_skipped_samples: int = 0
+    """Bad samples (undecodable, wrong shape or dtype; every sample of a corrupt shard) each rank may
+    skip per epoch, each logged with its shard and key; one more stops the job. 0: the first stops it."""
+    record_keys: str = ""
+    """Debugging: a local directory; each rank appends one JSON line {epoch, step, keys} per batch to
+    `rank-<rank>.jsonl` there. "" records nothing."""
 
     def resolve_streams(self, world: int) -> int:
         """The number of streams actually used for `world` ranks."""
@@ -85,6 +118,10 @@ class LoaderConfig:
             raise ConfigError(f"shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
         if self.prefetch_factor < 1:
             raise ConfigError(f"prefetch_factor: must be >= 1, got {self.prefetch_factor}")
+        if self.max_skipped_samples < 0:
+            raise ConfigError(f"max_skipped_samples: must be >= 0, got {self.max_skipped_samples}")
+        if self.record_keys and "://" in self.record_keys and not self.record_keys.startswith("file://"):
+            raise ConfigError(f"record_keys: must be a local directory, got {self.record_keys!r}")
         if self.start_method not in _START_METHODS:
             raise ConfigError(f"start_method: unknown {self.start_method!r}; "
                               f"choose one of {_START_METHODS}")
@@ -131,6 +168,7 @@ class _EpochSpec:
     micro_batch: int
     steps: int
     start_step: int
+    max_skipped: int  # bad samples a rank may skip this epoch (0: none)
 
 
 def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -155,17 +193,104 @@ def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
         yield buf[i]
 
 
-def _pass_samples(spec: _StreamSpec) -> Iterator[tuple[str, dict[str, bytes], str]]:
-    for url, sha256, count in spec.shards:
-        for key, files in shardformat.iter_tar(url, sha256=sha256, count=count):
+class _Skips:
+    """The bad samples one stream skipped this epoch: a count of distinct ones checked against the limit
+    (a stream that wraps around meets the same ones again), and the messages not yet handed to the main
+    process."""
+
+    def __init__(self, stream: int, limit: int):
+        self.stream, self.limit = stream, limit
+        self.count = 0
+        self.seen: set[str] = set()
+        self.pending: list[tuple[int, str]] = []  # (samples, message)
+
+    def add(self, error: DataError, what: str, samples: int = 1) -> None:
+        """Skip `samples` samples (`what`: the shard, or shard and key) because of `error`, or re-raise it
+        when the policy does not allow skipping."""
+        if self.limit == 0:
+            raise error
+        if what in self.seen:
+            return
+        self.seen.add(what)
+        self.count += samples
+        if self.count > self.limit:
+            raise DataError(f"loader: stream {self.stream} alone has {self.count} bad samples this epoch, more than "
+                            f"loader.max_skipped_samples={self.limit}; the last: {error}") from error
+        self.pending.append((samples, str(error)))
+
+    def take(self) -> list[tuple[int, str]]:
+        out, self.pending = self.pending, []
+        return out
+
+
+class _Prefetch:
+    """`fn(*args)` running in a daemon thread (a read blocked on a dead server never holds up exit)."""
+
+    def __init__(self, fn, *args):
+        self._done = threading.Event()
+        self._result, self._error = None, None
+        threading.Thread(target=self._run, args=(fn, args), daemon=True).start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._result = fn(*args)
+        except BaseException as e:  # handed to whoever asks for the result
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self):
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def _read_shard(url: str, sha256: str, count: int) -> list[tuple[str, dict[str, bytes]]]:
+    """The samples of a whole shard, read and checked (hash, tar structure, count) before any is used."""
+    return list(shardformat.iter_tar(url, sha256=sha256, count=count))
+
+
+def _pass_samples(spec: _StreamSpec, skips: _Skips) -> Iterator[tuple[str, dict[str, bytes], str]]:
+    # The next shard is fetched while this one is decoded: on object stores the GET then costs no time.
+    ahead = _Prefetch(_read_shard, *spec.shards[0])
+    for i, (url, _, count) in enumerate(spec.shards):
+        current = ahead
+        if i + 1 < len(spec.shards):
+            ahead = _Prefetch(_read_shard, *spec.shards[i + 1])
+        try:
+            samples = current.result()
+        except DataError as e:
+            skips.add(e, url, samples=count)
+            continue
+        for key, files in samples:
             yield key, files, url
 
 
-def _stream_samples(spec: _StreamSpec, ep: _EpochSpec) -> Iterator[tuple[str, dict[str, bytes], str]]:
+def _stream_samples(spec: _StreamSpec, ep: _EpochSpec, skips: _Skips
+                    ) -> Iterator[tuple[str, dict[str, bytes], str]]:
     """Endless raw samples of one stream: shuffled pass after shuffled pass over its shards."""
     for p in itertools.count():
         rng = _rng(ep.seed, ep.epoch, _STREAM_SHUFFLE, spec.index, p)
-        yield from _shuffled(_pass_samples(spec), ep.shuffle_buffer, rng)
+        n = 0
+        for item in _shuffled(_pass_samples(spec, skips), ep.shuffle_buffer, rng):
+            n += 1
+            yield item
+        if n == 0:  # every shard skipped: the stream would spin forever
+            raise DataError(f"loader: stream {spec.index}: none of its shards "
+                            f"{[url for url, _, _ in spec.shards]} is readable")
+
+
+def _decode_or_skip(samples: Iterator[tuple[str, dict[str, bytes], str]], ep: _EpochSpec, skips: _Skips
+             ) -> Iterator[tuple[str, shardformat.Sample]]:
+    """Decoded samples; a bad one is skipped when the policy allows it (else its DataError propagates)."""
+    for key, files, url in samples:
+        try:
+            sample = shardformat.decode_sample(url, key, files, ep.kind, list(ep.shape))
+        except DataError as e:
+            skips.add(e, f"{url} {key}")
+            continue
+        yield key, sample
 
 
 def _stack(items: list[tuple[str, shardformat.Sample]], kind: str) -> dict:
@@ -212,15 +337,17 @@ def collate(items: list[tuple[str, dict[str, torch.Tensor]]]) -> dict:
 
 
 def _stream_microbatches(spec: _StreamSpec, ep: _EpochSpec) -> Iterator[dict]:
-    samples = _stream_samples(spec, ep)
-    # resume: the skipped samples go through the same reads and shuffle, but are not decoded
-    for _ in itertools.islice(samples, ep.start_step * ep.micro_batch):
+    skips = _Skips(spec.index, ep.max_skipped)
+    raw = _stream_samples(spec, ep, skips)
+    samples = _decode_or_skip(raw, ep, skips)
+    # Resume: the samples before start_step go through the same reads and shuffle. They are decoded
+    # only when bad ones may be skipped (to skip the same ones); otherwise none was bad (or the run
+    # would have stopped), and skipping them raw is exact and much cheaper.
+    for _ in itertools.islice(samples if ep.max_skipped else raw, ep.start_step * ep.micro_batch):
         pass
     for step in range(ep.start_step, ep.steps):
-        items = [(key, shardformat.decode_sample(url, key, files, ep.kind, list(ep.shape)))
-                 for key, files, url in itertools.islice(samples, ep.micro_batch)]
-        batch = _stack(items, ep.kind)
-        batch["_step"], batch["_stream"] = step, spec.index
+        batch = _stack(list(itertools.islice(samples, ep.micro_batch)), ep.kind)
+        batch["_step"], batch["_stream"], batch["_skips"] = step, spec.index, skips.take()
         yield batch
 
 
@@ -239,12 +366,12 @@ class _RankStreams(IterableDataset):
             for _ in range(self.ep.start_step, self.ep.steps):
                 for producer in producers:
                     yield next(producer)
-        except DataError as e:
+        except (DataError, StorageError) as e:
             if info is None:
                 raise
             # hand the one-line message to the main process as data: raised there by the loader, it
             # carries no worker traceback and no reference cycle through the DataLoader iterator
-            yield {"_error": str(e)}
+            yield {"_error": str(e), "_error_type": type(e).__name__}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +417,8 @@ class StreamLoader:
         if self.steps_per_epoch < 1:
             raise ConfigError(f"global batch {global_batch} exceeds the {entry['count']} samples "
                               f"of split {split!r}")
+        self.skipped: list[str] = []
+        """Messages (shard, key, reason) of the samples this rank skipped in the current epoch."""
 
     def epoch_plan(self, epoch: int) -> list[list[dict]]:
         """The manifest shard entries each stream (all ranks) reads in `epoch`, in reading order."""
@@ -319,7 +448,8 @@ class StreamLoader:
         specs = self._rank_specs(epoch)
         ep = _EpochSpec(kind=self.manifest["kind"], shape=tuple(self.manifest["shape"]), seed=self.seed,
                         epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer, micro_batch=self.micro_batch,
-                        steps=self.steps_per_epoch, start_step=start_step)
+                        steps=self.steps_per_epoch, start_step=start_step,
+                        max_skipped=self.cfg.max_skipped_samples)
         return self._batches(specs, ep)
 
     def _batches(self, specs: list[_StreamSpec], ep: _EpochSpec) -> Iterator[dict]:
@@ -331,18 +461,46 @@ class StreamLoader:
         else:
             source = iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.cfg.workers,
                                      prefetch_factor=self.cfg.prefetch_factor,
-                                     multiprocessing_context=self.cfg.start_method))
+                                     multiprocessing_context=self.cfg.start_method,
+                                     worker_init_fn=ignore_stop_signals))
+        self.skipped = []
+        skipped = 0
+        record = self._recorder()
         try:
             for step in range(ep.start_step, ep.steps):
                 parts = [_next_part(source, step, spec.index) for spec in specs]
-                yield _concat(parts)
+                for part in parts:
+                    for samples, message in part["_skips"]:
+                        skipped += samples
+                        self.skipped.append(message)
+                        log.warning("loader: skipped %d bad sample(s) (%d of loader.max_skipped_samples=%d this "
+                                    "epoch on rank %d): %s", samples, skipped, ep.max_skipped, self.rank, message)
+                        if skipped > ep.max_skipped:
+                            raise DataError(f"loader: {skipped} bad samples this epoch on rank {self.rank}, more "
+                                            f"than loader.max_skipped_samples={ep.max_skipped}; the last: {message}")
+                batch = _concat(parts)
+                if record is not None:
+                    record.write(json.dumps({"epoch": ep.epoch, "step": step, "keys": batch["key"]}) + "\n")
+                    record.flush()
+                yield batch
         finally:
+            if record is not None:
+                record.close()
             # Stop the workers now, whether the epoch ended, failed or was abandoned. Left to the
             # garbage collector (an exception's traceback keeps the iterator in a reference cycle),
             # torch's shutdown finds its queues already finalised and waits 5 s per worker.
             shutdown = getattr(source, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+
+
+    def _recorder(self) -> IO[str] | None:
+        """The rank's key record, opened for appending (`record_keys`), or None."""
+        if not self.cfg.record_keys:
+            return None
+        directory = self.cfg.record_keys.removeprefix("file://")
+        os.makedirs(directory, exist_ok=True)
+        return open(os.path.join(directory, f"rank-{self.rank}.jsonl"), "a")
 
 
 def _as_is(micro_batch: dict) -> dict:
@@ -356,7 +514,7 @@ def _next_part(source: Iterator[dict], step: int, stream: int) -> dict:
     except StopIteration:
         raise RuntimeError(f"loader: stream {stream} ended before step {step}") from None
     if "_error" in part:
-        raise DataError(part["_error"])
+        raise (StorageError if part["_error_type"] == "StorageError" else DataError)(part["_error"])
     if (part["_step"], part["_stream"]) != (step, stream):
         raise RuntimeError(f"loader: got step {part['_step']} of stream {part['_stream']}, "
                            f"expected step {step} of stream {stream}")

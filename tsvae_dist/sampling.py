@@ -1,7 +1,10 @@
 """Sampling from a trained run: stage-1 (z ~ N(0, I)) and stage-2 (u ~ N(0, I) → z = f₂(u) + γ_z·ε).
 
-Sample i's noise is keyed by (seed, purpose, i), so the set of samples is identical for any
-world size, batch size or order of generation.
+Sample i's noise is keyed by (seed, purpose, i), so the set of samples is the same for any world
+size, batch size or order of generation. Callers decode in fixed chunks of indices (evaluation
+units, generate's chunks and shards) so that the images are also bit-identical: a different batch
+composition only changes them by float rounding, as batched kernels pick their summation order by
+shape.
 """
 
 from __future__ import annotations

@@ -22,12 +22,16 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tsvae_dist import manifest, storage
 from tsvae_dist.config import STAGES, ClusterConfig, RunConfig, stage_cluster, to_container
 from tsvae_dist.errors import ConfigError
-from tsvae_dist.jobs import TRAINING_STAGES
 
+if TYPE_CHECKING:
+    from tsvae_dist.launcher import PlannedStage
+
+TRAINING_STAGES = ("stage1", "stage2")  # progress in samples (the others: shards, the report)
 JOBS_FILE = "slurm_jobs.json"  # in run_dir: every submission of the run, with its job ids and log folder
 # Job states from which a job may still run (sacct shows a requeued job as PENDING again).
 ACTIVE_STATES = frozenset({
@@ -226,7 +230,7 @@ def submit_stages(cfg: RunConfig, stages: Sequence[str], folder: str) -> dict[st
     return jobs
 
 
-def run_slurm(cfg: RunConfig, planned: Sequence) -> None:
+def run_slurm(cfg: RunConfig, planned: Sequence[PlannedStage]) -> None:
     """Submit the stages that are not done as dependent jobs; with `cluster.wait`, follow them to the end."""
     for s in planned:
         if s.done:
@@ -252,7 +256,12 @@ def run_slurm(cfg: RunConfig, planned: Sequence) -> None:
     if not cfg.cluster.wait:
         print("not waiting (cluster.wait=false): run the same command with action=status to follow the jobs")
         return
-    follow(cfg, jobs, folder)
+    try:
+        follow(cfg, jobs, folder)
+    except KeyboardInterrupt:
+        print("\nstopped following; the jobs go on: the same command with action=status shows them, "
+              "action=cancel cancels them", flush=True)
+        raise
 
 
 # --- Following, status and cancel -------------------------------------------------------------------------
@@ -511,7 +520,14 @@ def requeue_current_job(max_requeues: int) -> str | None:
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     if restarts >= max_requeues:
         return f"cluster.max_requeues ({max_requeues}) reached after {restarts} requeues"
-    proc = _slurm(["scontrol", "requeue", job_id], check=False)
-    if proc.returncode != 0:
-        return f"`scontrol requeue {job_id}` failed: {proc.stderr.strip()}"
-    return None
+    # Slurm signals every process of the job, this one's children included: a second notice (USR1/USR2)
+    # or a preemption (TERM) must not kill scontrol halfway, so it runs with them ignored.
+    command = ["sh", "-c", 'trap "" USR1 USR2 TERM; exec scontrol requeue "$1"', "sh", job_id]
+    why_not = ""
+    for attempt in range(3):
+        proc = _slurm(command, check=False)
+        if proc.returncode == 0:
+            return None
+        why_not = f"`scontrol requeue {job_id}` failed ({proc.returncode}): {proc.stderr.strip()}"
+        time.sleep(1 + attempt)
+    return why_not

@@ -21,7 +21,7 @@ from tsvae_dist.trainer import TrainJob, train
 STAGE = "stage1"
 # Keys that may change between a checkpoint and its resume without changing the result.
 NON_RESULT_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress_bar")
-NON_RESULT_LOADER_KEYS = ("workers", "prefetch_factor", "start_method")
+NON_RESULT_LOADER_KEYS = ("workers", "prefetch_factor", "start_method", "max_skipped_samples", "record_keys")
 
 
 def resume_config(cfg: RunConfig, stage: str, loader: StreamLoader) -> dict[str, Any]:

@@ -209,7 +209,8 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
                 names = sorted(window)
                 sums = dist.all_reduce_sum(torch.stack([window[k] for k in names]).double())
                 elapsed = time.perf_counter() - window_start
-                last_metrics = {k: float(s) / (window_steps * info.world_size) for k, s in zip(names, sums, strict=True)}
+                per_step = window_steps * info.world_size
+                last_metrics = {k: float(s) / per_step for k, s in zip(names, sums, strict=True)}
                 last_metrics.update(
                     lr=lr, epoch=epoch, samples=step * cfg.batch_size,
                     samples_per_s=window_steps * cfg.batch_size / max(elapsed, 1e-9),

@@ -1,0 +1,158 @@
+"""Loader throughput on 64×64 RGB shards: local disk and S3, against webdataset `pipe:aws s3 cp` and memory.
+
+One run measures, in decoded samples per second (each read once, as uint8 → float32 [B,3,64,64]):
+- memory:    the same images from an in-memory uint8 array, shuffled batches (the ceiling);
+- local:     our loader (tsvae_dist.loader.StreamLoader) from local files;
+- s3:        our loader from the S3 server (whole-shard GETs through storage);
+- wds-pipe:  webdataset over `pipe:aws s3 cp s3://... -` URLs, as open_clip streams from S3;
+- wds-fsspec: webdataset over s3:// URLs through our opener (storage.register_webdataset_opener);
+with 0 and 2 loader workers, and prints the ratios. Targets: s3 >= 2.5x wds-pipe, s3 >= 0.8x local.
+
+    eval "$(launch/dev_cluster.sh up --no-slurm)"   # or any S3: AWS_* variables, see tsvae_dist/storage.py
+    python benchmarks/bench_loader.py [--samples 20480] [--per-shard 1280] [--format npy|png] [--batch 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+
+import numpy as np
+import torch
+
+from shards.common import write_split
+from shards.synthetic import disc_images, sample_factors
+from shards.writer import finish_dataset
+from tsvae_dist import shardformat, storage
+from tsvae_dist.loader import LoaderConfig, StreamLoader
+
+RES = 64
+
+
+def build(root: str, n: int, per_shard: int, fmt: str) -> np.ndarray:
+    """A 64×64 RGB image dataset at `root` (train split only); returns the images, uint8 [N,H,W,3]."""
+    images = disc_images(sample_factors(np.random.default_rng(0), n, RES), RES)
+    encode = shardformat.encode_npy if fmt == "npy" else shardformat.encode_image
+    entry = write_split(root, "train", ((f"train-{i:08d}", encode(images[i])) for i in range(n)), per_shard, ext=fmt)
+    finish_dataset(root, name="bench", kind="image", shape=[3, RES, RES], splits={"train": entry},
+                   source={"bench": fmt})
+    return images
+
+
+def copy_tree(src: str, dst: str) -> None:
+    for dirpath, _, names in os.walk(src):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), src).replace(os.sep, "/")
+            storage.write_bytes_atomic(f"{dst}/{rel}", storage.read_bytes(os.path.join(dirpath, name)))
+
+
+def timed(batches, total: int | None = None) -> float:
+    """Samples per second through `batches` (asserting `total` samples came out, when given)."""
+    start = time.perf_counter()
+    seen = 0
+    for batch in batches:
+        seen += len(batch)
+    elapsed = time.perf_counter() - start
+    assert total is None or seen == total, (seen, total)
+    return seen / elapsed
+
+
+def memory(images: np.ndarray, batch: int) -> float:
+    chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    steps = len(chw) // batch
+    order = np.random.default_rng(0).permutation(len(chw))
+
+    def batches():
+        for i in range(steps):
+            yield torch.from_numpy(np.divide(chw[order[i * batch:(i + 1) * batch]], np.float32(255), dtype=np.float32))
+    return timed(batches(), steps * batch)
+
+
+def ours(root: str, batch: int, workers: int) -> float:
+    cfg = LoaderConfig(workers=workers, streams=max(workers, 1))
+    loader = StreamLoader(root, "train", global_batch=batch, rank=0, world=1, cfg=cfg, seed=0)
+    return timed((b["image"] for b in loader.epoch(0)), loader.steps_per_epoch * batch)
+
+
+def _decode(sample: dict) -> np.ndarray:
+    """The webdataset side decodes exactly as our loader does (strict, never unpickling)."""
+    ext = "npy" if "npy" in sample else "png"
+    return shardformat.decode_sample(sample["__url__"], sample["__key__"], {ext: sample[ext]}, "image", [3, RES, RES])[
+        "image"]
+
+
+def _to_float(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.divide(np.stack(images), np.float32(255), dtype=np.float32))
+
+
+def wds(urls: list[str], batch: int, workers: int) -> float:
+    import webdataset
+
+    dataset = (webdataset.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None)
+               .shuffle(512).map(_decode).batched(batch, collation_fn=_to_float, partial=False))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                         worker_init_fn=storage.webdataset_worker_init if workers else None)
+    if workers == 0:
+        storage.register_webdataset_opener()
+    return timed(loader)  # each worker reads its share of the shards, in whole batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=20480, help="images in the dataset")
+    parser.add_argument("--per-shard", type=int, default=1280, help="images per shard (1280 npy: 16 MB)")
+    parser.add_argument("--format", choices=("npy", "png"), default="npy", help="how images are stored")
+    parser.add_argument("--batch", type=int, default=128, help="batch size")
+    parser.add_argument("--bucket", default=os.environ.get("TSVAE_S3_BUCKET", "tsvae"), help="S3 bucket to use")
+    args = parser.parse_args()
+    if not shutil.which("aws"):
+        sys.exit("the aws CLI is needed for the pipe: baseline (pip install awscli)")
+    if not storage.s3_endpoint() and not os.environ.get("AWS_ACCESS_KEY_ID"):
+        sys.exit("no S3 configured: eval \"$(launch/dev_cluster.sh up --no-slurm)\" first")
+    torch.set_num_threads(1)
+
+    tmp = tempfile.mkdtemp(prefix="bench-loader-")
+    local = os.path.join(tmp, "data")
+    remote = f"s3://{args.bucket}/bench-loader-{uuid.uuid4().hex[:8]}"
+    try:
+        images = build(local, args.samples, args.per_shard, args.format)
+        copy_tree(local, remote)
+        shards = shardformat.read_manifest(local)["splits"]["train"]["shards"]
+        endpoint = storage.s3_endpoint()
+        flag = f" --endpoint-url {endpoint}" if endpoint else ""
+        pipe_urls = [f"pipe:aws s3 cp --quiet{flag} {remote}/{s['name']} -" for s in shards]
+        s3_urls = [f"{remote}/{s['name']}" for s in shards]
+        size = sum(os.path.getsize(os.path.join(local, s["name"])) for s in shards)
+        print(f"{args.samples} images 64x64x3 ({args.format}) in {len(shards)} shards of "
+              f"{size / len(shards) / 2**20:.1f} MB; batch {args.batch}; {platform.node()} {os.cpu_count()} cores; "
+              f"S3 at {endpoint or 'AWS'}")
+
+        rows = {("memory", 0): memory(images, args.batch)}
+        for workers in (0, 2):
+            rows[("local", workers)] = ours(local, args.batch, workers)
+            rows[("s3", workers)] = ours(remote, args.batch, workers)
+            rows[("wds-pipe", workers)] = wds(pipe_urls, args.batch, workers)
+            rows[("wds-fsspec", workers)] = wds(s3_urls, args.batch, workers)
+        print(f"\n{'reader':<12} {'workers':>7} {'samples/s':>10}")
+        for (name, workers), rate in rows.items():
+            print(f"{name:<12} {workers:>7} {rate:>10.0f}")
+        print()
+        for workers in (0, 2):
+            s3 = rows[("s3", workers)]
+            print(f"workers={workers}: s3/wds-pipe {s3 / rows[('wds-pipe', workers)]:.2f}x (target >= 2.5), "
+                  f"s3/local {s3 / rows[('local', workers)]:.2f}x (target >= 0.8), "
+                  f"local/memory {rows[('local', workers)] / rows[('memory', 0)]:.2f}x, "
+                  f"wds-fsspec/wds-pipe {rows[('wds-fsspec', workers)] / rows[('wds-pipe', workers)]:.2f}x")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        storage.remove(remote)
+
+
+if __name__ == "__main__":
+    main()

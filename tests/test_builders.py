@@ -1,0 +1,293 @@
+"""Dataset builders on small raw files made here: counts, shapes, crop geometry, determinism, errors."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shards.__main__ import main as shards_cli
+from shards.celeba import build_celeba, preprocess
+from shards.cifar10 import build_cifar10
+from shards.folder import build_folder, is_test
+from shards.idx import build_idx
+from tsvae_dist import shardformat
+from tsvae_dist.errors import DataError
+from tsvae_dist.loader import iter_split_shards
+
+
+def _tree(root: str) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, root)] = Path(path).read_bytes()
+    return out
+
+
+def _samples(root: str, split: str) -> dict[str, np.ndarray]:
+    """{key: uint8 [C,H,W]} of a split, read back through the loader's decoding path."""
+    return {k: np.rint(s["image"].numpy() * 255).astype(np.uint8)
+            for _, it in iter_split_shards(root, split, 0, 1) for k, s in it}
+
+
+def _shard_hashes(manifest: dict) -> dict[str, list[str]]:
+    return {split: [s["sha256"] for s in e["shards"]] for split, e in manifest["splits"].items()}
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST (idx)
+
+
+def _idx(images: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, images.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
+    return header + images.astype(np.uint8).tobytes()
+
+
+@pytest.fixture
+def idx_dir(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    arrays = {"train": rng.integers(0, 256, (23, 28, 28), dtype=np.uint8),
+              "test": rng.integers(0, 256, (7, 28, 28), dtype=np.uint8)}
+    src = tmp_path / "mnist-raw"
+    src.mkdir()
+    (src / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(arrays["train"]), mtime=0))
+    (src / "t10k-images-idx3-ubyte").write_bytes(_idx(arrays["test"]))  # an uncompressed one works too
+    return src, arrays
+
+
+def test_idx_counts_shapes_values_and_determinism(tmp_path, idx_dir):
+    src, arrays = idx_dir
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    m = build_idx(str(src), a, name="mnist", samples_per_shard=10)
+    build_idx(str(src), b, name="mnist", samples_per_shard=10)
+    assert _tree(a) == _tree(b)
+    assert m["shape"] == [1, 28, 28] and m["dtype"] == "uint8" and m["name"] == "mnist"
+    assert m["splits"]["train"]["count"] == 23 and [s["count"] for s in m["splits"]["train"]["shards"]] == [10, 10, 3]
+    assert m["splits"]["test"]["count"] == 7
+    assert [i["file"] for i in m["source"]["inputs"]] == ["train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte"]
+    for split, arr in arrays.items():
+        got = _samples(a, split)
+        assert sorted(got) == [f"{split}-{i:08d}" for i in range(len(arr))]
+        for i in range(len(arr)):
+            assert np.array_equal(got[f"{split}-{i:08d}"][0], arr[i])
+
+
+def test_idx_errors_name_the_file(tmp_path, idx_dir):
+    src, _ = idx_dir
+    bad = src / "t10k-images-idx3-ubyte"
+    bad.write_bytes(bad.read_bytes()[:-5])
+    with pytest.raises(DataError, match=f"^{bad}: .* bytes; dims \\[7, 28, 28\\]"):
+        build_idx(str(src), str(tmp_path / "out"), name="mnist")
+    bad.unlink()
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: input file missing"):
+        build_idx(str(src), str(tmp_path / "out"), name="mnist")
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 (binary version)
+
+
+def _cifar_batch(images: np.ndarray, labels: np.ndarray) -> bytes:
+    planes = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # R plane, G plane, B plane, row-major
+    return np.concatenate([labels[:, None].astype(np.uint8), planes], axis=1).tobytes()
+
+
+@pytest.fixture
+def cifar_raw(tmp_path: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "raw" / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    train = []
+    for i in range(1, 6):
+        images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+        train.append(images)
+        (folder / f"data_batch_{i}.bin").write_bytes(_cifar_batch(images, rng.integers(0, 10, 3)))
+    test = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    (folder / "test_batch.bin").write_bytes(_cifar_batch(test, rng.integers(0, 10, 4)))
+    archive = tmp_path / "raw" / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(folder, arcname="cifar-10-batches-bin")
+    return folder, archive, {"train": np.concatenate(train), "test": test}
+
+
+def test_cifar10_from_folder_and_archive(tmp_path, cifar_raw):
+    folder, archive, arrays = cifar_raw
+    a = build_cifar10(str(folder.parent), str(tmp_path / "a"), samples_per_shard=4)  # the folder's parent
+    b = build_cifar10(str(archive), str(tmp_path / "b"), samples_per_shard=4)
+    assert a["shape"] == [3, 32, 32]
+    assert a["splits"]["train"]["count"] == 15 and a["splits"]["test"]["count"] == 4
+    assert _shard_hashes(a) == _shard_hashes(b)  # same records, byte-identical shards
+    assert b["source"]["inputs"][0]["file"] == "cifar-10-binary.tar.gz"
+    for split, arr in arrays.items():
+        got = _samples(str(tmp_path / "a"), split)
+        for i in range(len(arr)):
+            assert np.array_equal(got[f"{split}-{i:08d}"], arr[i].transpose(2, 0, 1))  # planes decoded as RGB
+
+
+def test_cifar10_rejects_a_partial_record(tmp_path, cifar_raw):
+    folder, _, _ = cifar_raw
+    batch = folder / "data_batch_3.bin"
+    batch.write_bytes(batch.read_bytes()[:-1])
+    with pytest.raises(DataError, match="data_batch_3.bin: 9218 bytes is not a whole number of 3073-byte records"):
+        build_cifar10(str(folder), str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CelebA
+
+
+def _face(seed: int) -> np.ndarray:
+    """A 218x178 RGB image: smooth noise (JPEG-friendly) with a bright square exactly where the paper crops."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 60, (14, 12, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((178, 218), Image.Resampling.BILINEAR)).copy()
+    img[45:173, 25:153] = 230
+    return img
+
+
+def _jpeg(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+CELEBA_IDS = {"train": [1, 2, 3, 162770], "val": [162771], "test": [182638, 202599]}
+
+
+@pytest.fixture
+def celeba_raw(tmp_path: Path) -> tuple[Path, Path, Path]:
+    folder = tmp_path / "img_align_celeba"
+    folder.mkdir()
+    for ids in CELEBA_IDS.values():
+        for n in ids:
+            (folder / f"{n:06d}.jpg").write_bytes(_jpeg(_face(n)))
+    archive = tmp_path / "img_align_celeba.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(folder.iterdir()):
+            zf.write(path, f"img_align_celeba/{path.name}")
+    # a partition that moves image 3 to the test split
+    partition = tmp_path / "list_eval_partition.txt"
+    codes = {"train": 0, "val": 1, "test": 2}
+    lines = [f"{n:06d}.jpg {2 if n == 3 else codes[s]}" for s, ids in CELEBA_IDS.items() for n in ids]
+    partition.write_text("\n".join(sorted(lines)) + "\n")
+    return folder, archive, partition
+
+
+def test_celeba_crop_geometry_is_the_papers():
+    rows, cols = np.meshgrid(np.arange(218), np.arange(178), indexing="ij")
+    arr = np.stack([rows, cols, (rows + cols) % 256], axis=-1).astype(np.uint8)  # pixel = its coordinates
+    out = np.asarray(preprocess(_png(arr), "test", crop=128, resolution=128))
+    assert out.shape == (128, 128, 3)
+    assert np.array_equal(out, arr[45:173, 25:153])  # rows 45:173, columns 25:153
+    out140 = np.asarray(preprocess(_png(arr), "test", crop=140, resolution=256))
+    assert out140.shape == (256, 256, 3)
+    wide = np.asarray(preprocess(_png(arr), "test", crop=140, resolution=140))
+    assert np.array_equal(wide, arr[39:179, 19:159])
+    with pytest.raises(DataError, match="test: 178x200 pixels; aligned CelebA images are 178x218"):
+        preprocess(_png(arr[:200]), "test", crop=128, resolution=64)
+
+
+def test_celeba_resize_is_antialiased():
+    arr = np.zeros((218, 178, 3), dtype=np.uint8)
+    arr[::2, ::2] = arr[1::2, 1::2] = 255  # a one-pixel checkerboard: pure aliasing for a point sampler
+    out = np.asarray(preprocess(_png(arr), "test", crop=128, resolution=64)).astype(np.float64)
+    assert abs(out.mean() - 127.5) < 2 and out.std() < 3  # filtered to flat grey
+
+
+@pytest.mark.parametrize("resolution", [64, 128])
+def test_celeba_folder_counts_splits_and_crop(tmp_path, celeba_raw, resolution):
+    folder, _, _ = celeba_raw
+    m = build_celeba(str(folder), str(tmp_path / "out"), resolution=resolution, samples_per_shard=3)
+    assert m["name"] == f"celeba{resolution}" and m["shape"] == [3, resolution, resolution]
+    assert {s: e["count"] for s, e in m["splits"].items()} == {"train": 4, "val": 1, "test": 2}
+    assert m["source"]["crop"] == {"rows": [45, 173], "cols": [25, 153]}
+    test = _samples(str(tmp_path / "out"), "test")
+    assert sorted(test) == ["test-182638", "test-202599"]
+    img = test["test-182638"].astype(np.float64)
+    assert img.min() > 200  # only the bright square (the surround is < 60): the crop is where the paper puts it
+
+
+def test_celeba_zip_with_partition_file_and_determinism(tmp_path, celeba_raw):
+    folder, archive, partition = celeba_raw
+    z1 = build_celeba(str(archive), str(tmp_path / "z1"), partition=str(partition), samples_per_shard=2, workers=2)
+    build_celeba(str(archive), str(tmp_path / "z2"), partition=str(partition), samples_per_shard=2)
+    assert _tree(str(tmp_path / "z1")) == _tree(str(tmp_path / "z2"))  # byte-identical, with or without workers
+    assert {s: e["count"] for s, e in z1["splits"].items()} == {"train": 3, "val": 1, "test": 3}
+    assert "test-000003" in _samples(str(tmp_path / "z1"), "test")
+    assert [i["file"] for i in z1["source"]["inputs"]] == ["list_eval_partition.txt", "img_align_celeba.zip"]
+    f = build_celeba(str(folder), str(tmp_path / "f"), partition=str(partition), samples_per_shard=2)
+    assert _shard_hashes(f) == _shard_hashes(z1)  # the folder and its zip give the same shards
+    partition.write_text(partition.read_text() + "999999.jpg 0\n")
+    with pytest.raises(DataError, match="lists 1 image.*absent"):
+        build_celeba(str(folder), str(tmp_path / "x"), partition=str(partition))
+
+
+# ---------------------------------------------------------------------------------------------
+# Any folder of images
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    (root / "a" / "b").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for i in range(30):
+        h, w = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        sub = ("", "a", "a/b")[i % 3]
+        if i % 5 == 0:
+            Image.fromarray(arr).convert("RGBA").save(root / sub / f"img{i:02d}.png")
+        elif i % 5 == 1:
+            Image.fromarray(arr).convert("L").save(root / sub / f"img{i:02d}.jpg", quality=90)
+        elif i % 5 == 2:
+            Image.fromarray(arr).convert("P").save(root / sub / f"img{i:02d}.gif")
+        else:
+            Image.fromarray(arr).save(root / sub / f"img{i:02d}.jpeg", quality=90)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_folder_builder(tmp_path, image_folder, channels):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    m = build_folder(str(image_folder), a, resolution=16, channels=channels, test_fraction=0.3, samples_per_shard=8)
+    build_folder(str(image_folder), b, resolution=16, channels=channels, test_fraction=0.3, samples_per_shard=8,
+                 workers=2)
+    assert _tree(a) == _tree(b)
+    assert m["shape"] == [channels, 16, 16]
+    rels = sorted(str(p.relative_to(image_folder)) for p in image_folder.rglob("img*"))
+    n_test = sum(is_test(r, 0.3) for r in rels)
+    assert m["splits"]["test"]["count"] == n_test and m["splits"]["train"]["count"] == 30 - n_test
+    assert 0 < n_test < 30
+    assert all(s.shape == (channels, 16, 16) for s in _samples(a, "train").values())
+
+
+def test_folder_builder_names_an_undecodable_file(tmp_path, image_folder):
+    (image_folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match="a/broken.png: undecodable image"):
+        build_folder(str(image_folder), str(tmp_path / "out"), resolution=16)
+
+
+def test_cli_builds_and_verifies(tmp_path, idx_dir, capsys):
+    src, _ = idx_dir
+    out = str(tmp_path / "fashion")
+    assert shards_cli(["fashion", "--src", str(src), "--out", out, "--samples-per-shard", "8"]) == 0
+    assert shards_cli(["verify", out]) == 0
+    assert "train: 23 samples in 3 shards OK" in capsys.readouterr().out
+    assert shardformat.read_manifest(out)["name"] == "fashion"
+    assert shards_cli(["cifar10", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 1
+    assert "input file missing" in capsys.readouterr().err
