@@ -15,7 +15,7 @@ from tests.stagerun import run_stage, tiny_overrides
 from tsvae_dist import encode, storage
 from tsvae_dist.cli import compose
 from tsvae_dist.datasets import ensure_dataset
-from tsvae_dist.errors import CheckpointError
+from tsvae_dist.errors import CheckpointError, DataError
 from tsvae_dist.models import build_stage1
 from tsvae_dist.preemption import Preempted, StopFlag
 from tsvae_dist.stage1 import model_url, save_model
@@ -155,3 +155,19 @@ def test_latents_of_another_encoder_are_refused_and_re_encoded(encoded, tmp_path
     old = encoded["reference"]
     assert set(new) == set(old)
     assert all(new[name] != old[name] for name in new if name.endswith(".tar"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_input_shard_is_a_one_line_data_error(encoded, tmp_path, workers):
+    data = tmp_path / "data"
+    shutil.copytree(encoded["root"] / "data", data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    entries = manifest["splits"]["train"]["shards"][:3]
+    (data / entries[1]["name"]).write_bytes(b"not a tar")
+    with encode.ShardPrefetcher(str(data), entries, manifest["shape"], workers) as decoded:
+        name, keys, images = next(decoded)
+        assert name == entries[0]["name"] and images.shape == (64, 3, 32, 32) and len(keys) == 64
+        with pytest.raises(DataError) as info:
+            next(decoded)
+    message = str(info.value)
+    assert entries[1]["name"] in message and "sha256" in message and "\n" not in message

@@ -227,8 +227,11 @@ def test_markdown_puts_paper_table1_beside_ours():
     }
     text = evaluate.render_markdown(report)
     assert "| ours | 8 | 50 | 13 |" in text
-    assert "VAE (learned γ) 54.5 | 2-Stage VAE 12.6 |" in text
+    assert "VAE (learned γ) 54.5 | 2-Stage VAE 12.6 |" in text and "Table 2" not in text
     assert "`cache/x.npz` (cached)" in text
+    text = evaluate.render_markdown({**report, "dataset": "celeba64", "paper_table1": evaluate.PAPER_TABLE1["celeba64"],
+                                     "paper_table2": evaluate.PAPER_TABLE2["celeba64"]})
+    assert "VAE (learned γ) 60.5 | 2-Stage VAE 44.4 |" in text and "(WAE nets) | | VAE 63 | 2-Stage VAE 34 |" in text
 
 
 def test_plot_png_draws_gamma_curves_and_variances():

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tsvae_dist import dist, manifest, precision, shardformat, storage
 from tsvae_dist.config import RunConfig
 from tsvae_dist.datasets import ensure_dataset_once
-from tsvae_dist.errors import CheckpointError
+from tsvae_dist.errors import CheckpointError, DataError
 from tsvae_dist.models import build_stage1, build_stage2
 from tsvae_dist.preemption import Preempted, StopFlag
 from tsvae_dist.shardformat import encode_latent, write_manifest
@@ -79,6 +79,9 @@ def unit_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.divide(images, np.float32(255.0), dtype=np.float32))
 
 
+_ERROR = "\x00error"  # the name of an item that carries a worker's DataError (never a shard name)
+
+
 class _ShardReader(IterableDataset):
     """Decoded shards in the given order; worker w of W decodes shards w, w+W, ... (the DataLoader
     hands them back round-robin, i.e. in the original order)."""
@@ -90,7 +93,14 @@ class _ShardReader(IterableDataset):
         info = get_worker_info()
         mine = self.entries if info is None else self.entries[info.id::info.num_workers]
         for entry in mine:
-            keys, images = decode_image_shard(self.root, entry, self.shape)
+            try:
+                keys, images = decode_image_shard(self.root, entry, self.shape)
+            except DataError as e:
+                if info is None:
+                    raise
+                # To the main process as data, raised there with its one-line message (no worker traceback).
+                yield _ERROR, [str(e)], None
+                return
             # From a worker, a tensor: it crosses to the main process through shared memory, not the pipe.
             yield entry["name"], keys, images if info is None else torch.from_numpy(images)
 
@@ -120,6 +130,8 @@ class ShardPrefetcher:
 
     def __next__(self) -> tuple[str, list[str], np.ndarray]:
         name, keys, images = next(self._items)
+        if name == _ERROR:
+            raise DataError(keys[0])
         return name, keys, images.numpy() if isinstance(images, torch.Tensor) else images
 
     def __enter__(self) -> ShardPrefetcher:
