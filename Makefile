@@ -45,3 +45,5 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/bench_trainer.py
+	$(PY) benchmarks/bench_encode.py
+	$(PY) benchmarks/bench_fid.py
