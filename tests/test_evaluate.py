@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.fidutil import calibrated_inception_state
 from tests.stagerun import REPO, env, run_stage, stage_command, tiny_overrides
 from tsvae_dist import evaluate
 from tsvae_dist.cli import compose
 from tsvae_dist.errors import ConfigError
-from tsvae_dist.fid import InceptionNet
 from tsvae_dist.fid_eval import check_fid_config
 from tsvae_dist.preemption import StopFlag
 
@@ -34,18 +34,8 @@ FID_SETS = ("reconstructions", "stage1_samples", "stage2_samples")
 def _inception_weights(folder: Path) -> tuple[Path, str]:
     """Random FID Inception weights whose features vary between images (BN calibrated on one batch,
     so eval-mode activations neither explode nor die out), named by the torch.hub rule."""
-    torch.manual_seed(0)
-    net = InceptionNet()
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.normal_(0.0, 0.2)
-            module.momentum = None  # the running statistics become the calibration batch's
-    net.train()
-    with torch.no_grad():
-        net(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)))
     tmp = folder / "weights.pth"
-    torch.save(net.state_dict(), tmp)
+    torch.save(calibrated_inception_state(32), tmp)
     sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
     path = folder / f"pt_inception-test-{sha[:8]}.pth"
     tmp.rename(path)

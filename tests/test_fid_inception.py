@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.fidutil import calibrated_inception_state
 from tsvae_dist.fid import FEATURE_DIM, InceptionNet, extract_features, fp32_precision, resize_bilinear_tf1
 
 LAYERS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
@@ -48,29 +49,10 @@ def fidelity():
     return types.SimpleNamespace(inception=inception, interpolate=interpolate)
 
 
-def _random_weights() -> dict[str, torch.Tensor]:
-    """Random weights whose activations stay O(1) through all 94 conv layers.
-
-    Random BN scales and shifts, then running statistics calibrated on one batch (momentum None
-    makes them that batch's exact statistics), so that eval mode neither explodes nor dies out.
-    """
-    torch.manual_seed(0)
-    net = InceptionNet()
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.normal_(0.0, 0.2)
-            module.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
-    return {k: v.clone() for k, v in net.state_dict().items()}
-
-
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(_random_weights(), path)
+    torch.save(calibrated_inception_state(), path)
     return path
 
 
