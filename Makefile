@@ -6,6 +6,9 @@ VENV_FLAGS ?=
 # Installed only when the venv has no importable torch; GPU users: TORCH_SPEC="torch==2.5.1" or
 # VENV_FLAGS=--system-site-packages to use the CUDA build already on the machine.
 TORCH_SPEC ?= torch==2.13.0
+# An independent Inception port for the FID parity test, installed with --no-deps so that it
+# brings neither torchvision nor another torch.
+FID_REFERENCE_SPEC ?= torch-fidelity==0.4.0
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
@@ -16,8 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev]'
-	# An independent Inception port for the FID parity test; --no-deps keeps torchvision out.
-	$(PY) -m pip install -q --no-deps torch-fidelity==0.4.0
+	$(PY) -m pip install -q --no-deps "$(FID_REFERENCE_SPEC)"
 	touch $@
 
 setup: $(VENV)/.installed
