@@ -6,18 +6,22 @@ One run measures, in decoded samples per second (each read once, as uint8 → fl
 - s3:        our loader from the S3 server (whole-shard GETs through storage);
 - wds-pipe:  webdataset over `pipe:aws s3 cp s3://... -` URLs, as open_clip streams from S3;
 - wds-fsspec: webdataset over s3:// URLs through our opener (storage.register_webdataset_opener);
-with 0 and 2 loader workers, and prints the ratios. Targets: s3 >= 2.5x wds-pipe, s3 >= 0.8x local.
+with 0 and 2 loader workers, each over `--epochs` passes, medians of
+`--rounds` interleaved rounds, and prints the ratios. Targets: s3 >= 2.5x wds-pipe, s3 >= 0.8x local.
 
     eval "$(launch/dev_cluster.sh up --no-slurm)"   # or any S3: AWS_* variables, see tsvae_dist/storage.py
     python benchmarks/bench_loader.py [--samples 20480] [--per-shard 1280] [--format npy|png] [--batch 128]
+        [--epochs 2] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -63,21 +67,25 @@ def timed(batches, total: int | None = None) -> float:
     return seen / elapsed
 
 
-def memory(images: np.ndarray, batch: int) -> float:
+def memory(images: np.ndarray, batch: int, epochs: int) -> float:
     chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     steps = len(chw) // batch
-    order = np.random.default_rng(0).permutation(len(chw))
+    rng = np.random.default_rng(0)
 
     def batches():
-        for i in range(steps):
-            yield torch.from_numpy(np.divide(chw[order[i * batch:(i + 1) * batch]], np.float32(255), dtype=np.float32))
-    return timed(batches(), steps * batch)
+        for _ in range(epochs):
+            order = rng.permutation(len(chw))
+            for i in range(steps):
+                indices = order[i * batch:(i + 1) * batch]
+                yield torch.from_numpy(np.divide(chw[indices], np.float32(255), dtype=np.float32))
+    return timed(batches(), epochs * steps * batch)
 
 
-def ours(root: str, batch: int, workers: int) -> float:
+def ours(root: str, batch: int, workers: int, epochs: int) -> float:
     cfg = LoaderConfig(workers=workers, streams=max(workers, 1))
     loader = StreamLoader(root, "train", global_batch=batch, rank=0, world=1, cfg=cfg, seed=0)
-    return timed((b["image"] for b in loader.epoch(0)), loader.steps_per_epoch * batch)
+    batches = (b["image"] for epoch in range(epochs) for b in loader.epoch(epoch))
+    return timed(batches, epochs * loader.steps_per_epoch * batch)
 
 
 def _decode(sample: dict) -> np.ndarray:
@@ -91,10 +99,10 @@ def _to_float(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.divide(np.stack(images), np.float32(255), dtype=np.float32))
 
 
-def wds(urls: list[str], batch: int, workers: int) -> float:
+def wds(urls: list[str], batch: int, workers: int, epochs: int) -> float:
     import webdataset
 
-    dataset = (webdataset.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None)
+    dataset = (webdataset.WebDataset(urls * epochs, shardshuffle=False, empty_check=False, nodesplitter=None)
                .shuffle(512).map(_decode).batched(batch, collation_fn=_to_float, partial=False))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                          worker_init_fn=storage.webdataset_worker_init if workers else None)
@@ -109,6 +117,8 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=1280, help="images per shard (1280 npy: 16 MB)")
     parser.add_argument("--format", choices=("npy", "png"), default="npy", help="how images are stored")
     parser.add_argument("--batch", type=int, default=128, help="batch size")
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the data per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per reader (the median is reported)")
     parser.add_argument("--bucket", default=os.environ.get("TSVAE_S3_BUCKET", "tsvae"), help="S3 bucket to use")
     args = parser.parse_args()
     if not shutil.which("aws"):
@@ -133,15 +143,22 @@ def main() -> None:
               f"{size / len(shards) / 2**20:.1f} MB; batch {args.batch}; {platform.node()} {os.cpu_count()} cores; "
               f"S3 at {endpoint or 'AWS'}")
 
-        rows = {("memory", 0): memory(images, args.batch)}
+        readers = {("memory", 0): functools.partial(memory, images, args.batch, args.epochs)}
         for workers in (0, 2):
-            rows[("local", workers)] = ours(local, args.batch, workers)
-            rows[("s3", workers)] = ours(remote, args.batch, workers)
-            rows[("wds-pipe", workers)] = wds(pipe_urls, args.batch, workers)
-            rows[("wds-fsspec", workers)] = wds(s3_urls, args.batch, workers)
-        print(f"\n{'reader':<12} {'workers':>7} {'samples/s':>10}")
+            readers[("local", workers)] = functools.partial(ours, local, args.batch, workers, args.epochs)
+            readers[("s3", workers)] = functools.partial(ours, remote, args.batch, workers, args.epochs)
+            readers[("wds-pipe", workers)] = functools.partial(wds, pipe_urls, args.batch, workers, args.epochs)
+            readers[("wds-fsspec", workers)] = functools.partial(wds, s3_urls, args.batch, workers, args.epochs)
+        # Rounds interleave the readers, so that a slow spell of the machine hits all of them alike.
+        runs: dict[tuple[str, int], list[float]] = {name: [] for name in readers}
+        for _ in range(args.rounds):
+            for name, reader in readers.items():
+                runs[name].append(reader())
+        rows = {name: statistics.median(rates) for name, rates in runs.items()}
+        print(f"\n{'reader':<12} {'workers':>7} {'samples/s':>10}   (median of {args.rounds} rounds; all rounds)")
         for (name, workers), rate in rows.items():
-            print(f"{name:<12} {workers:>7} {rate:>10.0f}")
+            every = " ".join(f"{r:.0f}" for r in runs[(name, workers)])
+            print(f"{name:<12} {workers:>7} {rate:>10.0f}   {every}")
         print()
         for workers in (0, 2):
             s3 = rows[("s3", workers)]

@@ -466,6 +466,10 @@ ceph_up() {
     # Only the ceph daemons see the unpacked libraries.
     local LD_LIBRARY_PATH="$CEPH_LIB:$CEPH_LIB/ceph:$CEPH_ROOT/lib/x86_64-linux-gnu"
     export LD_LIBRARY_PATH
+    # glibc returned each freed multi-MB buffer to the kernel and faulted it back in on the next
+    # request: these keep them in the heap (a 16 MB GET: ~26 -> ~17 ms of gateway + OSD CPU).
+    local GLIBC_TUNABLES="glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
+    export GLIBC_TUNABLES
     if ! is_running ceph-mon; then
         need_port $CEPH_MON_PORT ceph-mon
         start_daemon ceph-mon "$STATE/log/ceph-mon.out" "$CEPH_BIN/ceph-mon" -c "$CEPH_CONF" -f -i a

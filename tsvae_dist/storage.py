@@ -37,6 +37,8 @@ from typing import IO, TypeVar
 import fsspec
 import fsspec.asyn
 
+from tsvae_dist import s3_direct
+
 log = logging.getLogger(__name__)
 
 RETRY_ENV = "TSVAE_STORAGE_RETRY_S"
@@ -46,7 +48,8 @@ DEFAULT_TIMEOUT_S = 10.0
 _MAX_BACKOFF_S = 4.0
 MIN_UPLOAD_BYTES_PER_S = 4 << 20  # an upload slower than this on average counts as failed (and is retried)
 # Errors that retrying cannot fix: raised at once (a missing shard is a DataError upstream, not an outage).
-_PERMANENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+_PERMANENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+              s3_direct.RequestRefused)
 
 T = TypeVar("T")
 
@@ -287,6 +290,15 @@ def read_bytes(url: str) -> bytes:
         with open(_local_path(url), "rb") as f:
             return f.read()
     fs, path = filesystem(url)
+    if isinstance(fs, _bounded_s3_class()):
+        direct = s3_direct.getter(s3_options())
+        bucket, _, key = path.partition("/")
+        if direct is not None and key:
+            timeout = request_timeout_s()
+            try:
+                return _retrying(url, "read", lambda: direct.get(url, bucket, key, timeout))
+            except s3_direct.Unsupported as e:  # not expected of S3 servers; s3fs reads anything
+                log.debug("%s; reading through s3fs", e)
     return _retrying(url, "read", lambda: fs.cat_file(path))
 
 
