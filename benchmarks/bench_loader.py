@@ -7,16 +7,20 @@ One run measures, in decoded samples per second (each read once, as uint8 → fl
 - wds-pipe:  webdataset over `pipe:aws s3 cp s3://... -` URLs, as open_clip streams from S3;
 - wds-fsspec: webdataset over s3:// URLs through our opener (storage.register_webdataset_opener);
 with 0 and 2 loader workers, each over `--epochs` passes, medians of
-`--rounds` interleaved rounds, and prints the ratios. Targets: s3 >= 2.5x wds-pipe, s3 >= 0.8x local.
+`--rounds` interleaved rounds, and prints the ratios. With `--isolate-server` everything is measured
+twice: with the S3 server sharing the CPUs, and with the dev cluster's S3 daemons pinned to the
+last CPU and the benchmark to the others (a store on other machines, as on a real cluster).
+Targets: s3 >= 2.5x wds-pipe, s3 >= 0.8x local.
 
     eval "$(launch/dev_cluster.sh up --no-slurm)"   # or any S3: AWS_* variables, see tsvae_dist/storage.py
     python benchmarks/bench_loader.py [--samples 20480] [--per-shard 1280] [--format npy|png] [--batch 128]
-        [--epochs 2] [--rounds 3]
+        [--epochs 2] [--rounds 3] [--isolate-server]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import platform
@@ -26,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -47,6 +52,54 @@ def build(root: str, n: int, per_shard: int, fmt: str) -> np.ndarray:
     finish_dataset(root, name="bench", kind="image", shape=[3, RES, RES], splits={"train": entry},
                    source={"bench": fmt})
     return images
+
+
+PLACEMENT_NOTES = {
+    "shared": "S3 server and loader share every CPU:",
+    "isolated": "S3 server on the last CPU, loader on the others (a stand-in for a store on other machines):",
+}
+CEPH_DAEMONS = ("ceph-mon", "ceph-osd", "radosgw")
+
+
+def server_pids() -> list[int]:
+    """The S3 daemons of `launch/dev_cluster.sh` (its pid files), if it runs here."""
+    state = os.environ.get("TSVAE_DEV_CLUSTER_DIR", "")
+    pids = []
+    for name in CEPH_DAEMONS:
+        try:
+            with open(os.path.join(state, "pids", f"{name}.pid")) as f:
+                pid = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if os.path.isdir(f"/proc/{pid}"):
+            pids.append(pid)
+    return pids
+
+
+def _set_affinity(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` (sched_setaffinity moves one thread only)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task), cpus)
+
+
+@contextlib.contextmanager
+def server_on_own_cpu(server: list[int] | None) -> Iterator[None]:
+    """With `server` pids: those on the last CPU, this process (and children it starts) on the rest."""
+    if not server:
+        yield
+        return
+    everything = os.sched_getaffinity(0)
+    last = max(everything)
+    try:
+        for pid in server:
+            _set_affinity(pid, {last})
+        _set_affinity(os.getpid(), everything - {last})
+        yield
+    finally:
+        for pid in (*server, os.getpid()):
+            with contextlib.suppress(OSError):
+                _set_affinity(pid, everything)
 
 
 def copy_tree(src: str, dst: str) -> None:
@@ -119,6 +172,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="batch size")
     parser.add_argument("--epochs", type=int, default=2, help="passes over the data per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="measurements per reader (the median is reported)")
+    parser.add_argument("--isolate-server", action="store_true",
+                        help="also measure with the dev cluster's S3 daemons on the last CPU and this benchmark "
+                             "on the others (stands in for a store on other machines)")
     parser.add_argument("--bucket", default=os.environ.get("TSVAE_S3_BUCKET", "tsvae"), help="S3 bucket to use")
     args = parser.parse_args()
     if not shutil.which("aws"):
@@ -149,23 +205,34 @@ def main() -> None:
             readers[("s3", workers)] = functools.partial(ours, remote, args.batch, workers, args.epochs)
             readers[("wds-pipe", workers)] = functools.partial(wds, pipe_urls, args.batch, workers, args.epochs)
             readers[("wds-fsspec", workers)] = functools.partial(wds, s3_urls, args.batch, workers, args.epochs)
-        # Rounds interleave the readers, so that a slow spell of the machine hits all of them alike.
-        runs: dict[tuple[str, int], list[float]] = {name: [] for name in readers}
+        placements = {"shared": None}
+        if args.isolate_server:
+            server = server_pids()
+            if not server:
+                sys.exit("--isolate-server: no dev cluster S3 daemons found (TSVAE_DEV_CLUSTER_DIR/pids)")
+            placements["isolated"] = server
+        # Rounds interleave readers and placements, so that a slow spell of the machine hits all alike.
+        runs: dict[tuple[str, str, int], list[float]] = {}
         for _ in range(args.rounds):
-            for name, reader in readers.items():
-                runs[name].append(reader())
-        rows = {name: statistics.median(rates) for name, rates in runs.items()}
-        print(f"\n{'reader':<12} {'workers':>7} {'samples/s':>10}   (median of {args.rounds} rounds; all rounds)")
-        for (name, workers), rate in rows.items():
-            every = " ".join(f"{r:.0f}" for r in runs[(name, workers)])
-            print(f"{name:<12} {workers:>7} {rate:>10.0f}   {every}")
-        print()
-        for workers in (0, 2):
-            s3 = rows[("s3", workers)]
-            print(f"workers={workers}: s3/wds-pipe {s3 / rows[('wds-pipe', workers)]:.2f}x (target >= 2.5), "
-                  f"s3/local {s3 / rows[('local', workers)]:.2f}x (target >= 0.8), "
-                  f"local/memory {rows[('local', workers)] / rows[('memory', 0)]:.2f}x, "
-                  f"wds-fsspec/wds-pipe {rows[('wds-fsspec', workers)] / rows[('wds-pipe', workers)]:.2f}x")
+            for placement, server in placements.items():
+                with server_on_own_cpu(server):
+                    for (name, workers), reader in readers.items():
+                        runs.setdefault((placement, name, workers), []).append(reader())
+        rows = {key: statistics.median(rates) for key, rates in runs.items()}
+        for placement in placements:
+            print(f"\n{PLACEMENT_NOTES[placement]}\n{'reader':<12} {'workers':>7} {'samples/s':>10}   "
+                  f"(median of {args.rounds} rounds; all rounds)")
+            for (where, name, workers), rate in rows.items():
+                if where == placement:
+                    every = " ".join(f"{r:.0f}" for r in runs[(where, name, workers)])
+                    print(f"{name:<12} {workers:>7} {rate:>10.0f}   {every}")
+            for workers in (0, 2):
+                row = {name: rows[(placement, name, workers if name != "memory" else 0)]
+                       for name in ("memory", "local", "s3", "wds-pipe", "wds-fsspec")}
+                print(f"{placement} workers={workers}: s3/wds-pipe {row['s3'] / row['wds-pipe']:.2f}x (target >= 2.5), "
+                      f"s3/local {row['s3'] / row['local']:.2f}x (target >= 0.8), "
+                      f"local/memory {row['local'] / row['memory']:.2f}x, "
+                      f"wds-fsspec/wds-pipe {row['wds-fsspec'] / row['wds-pipe']:.2f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         storage.remove(remote)

@@ -25,6 +25,7 @@ import sys
 import urllib.parse
 
 DIRECT_ENV = "TSVAE_S3_DIRECT_GET"
+USER_AGENT = "tsvae-dist-direct-get"
 _MAX_HEADER_BYTES = 64 << 10
 _MAX_ERROR_BODY_BYTES = 64 << 10
 
@@ -82,30 +83,34 @@ def getter(options: dict) -> DirectGet | None:
     parts = urllib.parse.urlsplit(endpoint)
     if parts.scheme != "http" or not parts.hostname:
         return None
-    credentials = _credentials(options.get("key"), options.get("secret"), options.get("token"))
+    credentials, region = _auth(options.get("key"), options.get("secret"), options.get("token"),
+                                (options.get("client_kwargs") or {}).get("region_name"),
+                                tuple(os.environ.get(name) for name in _AUTH_ENV))
     if credentials is None:
         return None
-    region = ((options.get("client_kwargs") or {}).get("region_name") or os.environ.get("AWS_REGION")
-              or os.environ.get("AWS_DEFAULT_REGION") or _session().get_config_variable("region") or "us-east-1")
     return DirectGet(host=parts.netloc, address=(parts.hostname, parts.port or 80),
                      base_path=parts.path.rstrip("/"), region=region, credentials=credentials)
 
 
-@functools.lru_cache(maxsize=1)
-def _session():
-    import botocore.session
-
-    return botocore.session.get_session()
+# What botocore's credential and region lookup reads from the environment: part of the cache key.
+_AUTH_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
+             "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 
 
 @functools.lru_cache(maxsize=8)
-def _credentials(key: str | None, secret: str | None, token: str | None):
-    """Explicit keys when given (fsspec config), else the standard AWS chain, resolved once per process."""
+def _auth(key: str | None, secret: str | None, token: str | None, region: str | None,
+          environment: tuple[str | None, ...]) -> tuple[object | None, str]:
+    """(credentials, region): explicit keys when given (fsspec config), else the standard AWS chain.
+    Resolved once per process and environment (a role's credentials refresh themselves)."""
+    import botocore.session
+
+    session = botocore.session.get_session()
+    region = region or session.get_config_variable("region") or "us-east-1"
     if key and secret:
         from botocore.credentials import ReadOnlyCredentials
 
-        return ReadOnlyCredentials(key, secret, token)
-    return _session().get_credentials()
+        return ReadOnlyCredentials(key, secret, token), region
+    return session.get_credentials(), region
 
 
 def _signed_request(direct: DirectGet, path: str) -> bytes:
@@ -118,7 +123,7 @@ def _signed_request(direct: DirectGet, path: str) -> bytes:
     request = AWSRequest(method="GET", url=f"http://{direct.host}{path}", headers={"Host": direct.host})
     S3SigV4Auth(credentials, "s3", direct.region).add_auth(request)
     lines = [f"GET {path} HTTP/1.1", *(f"{name}: {value}" for name, value in request.headers.items()),
-             "Connection: close"]
+             f"User-Agent: {USER_AGENT}", "Connection: close"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 

@@ -17,7 +17,10 @@ Configuration, from the environment (child processes inherit it):
   boto3 and the aws CLI read too), else fsspec's `FSSPEC_S3_ENDPOINT_URL`; none means AWS itself;
 - `TSVAE_STORAGE_RETRY_S` (default 45): how long a failing remote call is retried;
 - `TSVAE_STORAGE_TIMEOUT_S` (default 10): connect and read timeout of one remote request; an upload
-  may take that plus 1 s per 4 MiB.
+  may take that plus 1 s per 4 MiB;
+- `TSVAE_S3_DIRECT_GET` (default 1): whole-object reads from a plain-`http://` S3 endpoint go
+  through `s3_direct` (one signed GET, the body received without holding the GIL: what lets a
+  shard download overlap the decoding of the previous one); 0 sends them through s3fs too.
 """
 
 from __future__ import annotations
