@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -182,6 +183,8 @@ def main() -> None:
     if not storage.s3_endpoint() and not os.environ.get("AWS_ACCESS_KEY_ID"):
         sys.exit("no S3 configured: eval \"$(launch/dev_cluster.sh up --no-slurm)\" first")
     torch.set_num_threads(1)
+    # With the server pinned, torch counts one CPU and warns about 2 workers; measuring that is the point.
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
 
     tmp = tempfile.mkdtemp(prefix="bench-loader-")
     local = os.path.join(tmp, "data")

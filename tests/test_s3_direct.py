@@ -91,6 +91,8 @@ def endpoint_env(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-test-1")
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     monkeypatch.delenv(s3_direct.DIRECT_ENV, raising=False)
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TSVAE_STORAGE_RETRY_S", "3")
     monkeypatch.setenv("TSVAE_STORAGE_TIMEOUT_S", "1")
 
@@ -173,6 +175,10 @@ def test_where_the_direct_path_applies(endpoint_env, monkeypatch):
     assert (direct.address, direct.base_path, direct.region) == (("127.0.0.1", 9), "/prefix", "eu-test-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://s3.example.org")
     assert s3_direct.getter(storage.s3_options()) is None  # TLS: s3fs
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3.internal:7480")
+    monkeypatch.setenv("http_proxy", "http://proxy.internal:3128")
+    assert s3_direct.getter(storage.s3_options()) is None  # through a proxy: s3fs
+    monkeypatch.setenv("no_proxy", "s3.internal")
+    assert s3_direct.getter(storage.s3_options()) is not None
     monkeypatch.setenv(s3_direct.DIRECT_ENV, "0")
     assert s3_direct.getter(storage.s3_options()) is None

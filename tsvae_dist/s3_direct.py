@@ -23,6 +23,7 @@ import socket
 import struct
 import sys
 import urllib.parse
+import urllib.request
 
 DIRECT_ENV = "TSVAE_S3_DIRECT_GET"
 USER_AGENT = "tsvae-dist-direct-get"
@@ -83,6 +84,8 @@ def getter(options: dict) -> DirectGet | None:
     parts = urllib.parse.urlsplit(endpoint)
     if parts.scheme != "http" or not parts.hostname:
         return None
+    if urllib.request.getproxies().get("http") and not urllib.request.proxy_bypass(parts.hostname):
+        return None  # a proxy stands between: botocore knows how to talk through it
     credentials, region = _auth(options.get("key"), options.get("secret"), options.get("token"),
                                 (options.get("client_kwargs") or {}).get("region_name"),
                                 tuple(os.environ.get(name) for name in _AUTH_ENV))
