@@ -123,6 +123,7 @@ def test_errors_name_the_url_and_map_to_their_kind(endpoint_env):
              (s3_error(503, "SlowDown"), ConnectionError, "HTTP 503 SlowDown"),
              (s3_error(400, "InvalidRequest"), s3_direct.RequestRefused, "HTTP 400 InvalidRequest"),
              (cut_after(100, 1000), ConnectionError, "connection closed after 100 of 1000 bytes"),
+             (respond(200, b"x", {"Content-Length": "1; x"}), ConnectionError, "bad Content-Length '1; x'"),
              (silent, TimeoutError, "no progress for 0.5 s")]
     for handler, error, message in cases:
         with scripted_server(handler) as (url, _):

@@ -29,6 +29,9 @@ DIRECT_ENV = "TSVAE_S3_DIRECT_GET"
 USER_AGENT = "tsvae-dist-direct-get"
 _MAX_HEADER_BYTES = 64 << 10
 _MAX_ERROR_BODY_BYTES = 64 << 10
+# What botocore's credential and region lookup reads from the environment: part of the cache key.
+_AUTH_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
+             "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 
 
 class Unsupported(Exception):
@@ -64,9 +67,7 @@ class DirectGet:
             try:
                 sock.sendall(request)
                 status, headers = _read_head(sock, url)
-                if "content-length" not in headers:
-                    raise Unsupported(f"{url}: response without Content-Length")
-                length = int(headers["content-length"])
+                length = _content_length(headers, url)
                 if status != 200:
                     raise _status_error(url, status, _read_body(sock, min(length, _MAX_ERROR_BODY_BYTES), url))
                 return _read_body(sock, length, url)
@@ -93,11 +94,6 @@ def getter(options: dict) -> DirectGet | None:
         return None
     return DirectGet(host=parts.netloc, address=(parts.hostname, parts.port or 80),
                      base_path=parts.path.rstrip("/"), region=region, credentials=credentials)
-
-
-# What botocore's credential and region lookup reads from the environment: part of the cache key.
-_AUTH_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
-             "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 
 
 @functools.lru_cache(maxsize=8)
@@ -155,6 +151,15 @@ def _read_head(sock: socket.socket, url: str) -> tuple[int, dict[str, str]]:
     if headers.get("transfer-encoding", "identity").lower() != "identity":
         raise Unsupported(f"{url}: transfer-encoding {headers['transfer-encoding']}")
     return int(match.group(1)), headers
+
+
+def _content_length(headers: dict[str, str], url: str) -> int:
+    if "content-length" not in headers:
+        raise Unsupported(f"{url}: response without Content-Length")
+    value = headers["content-length"]
+    if not value.isdigit():
+        raise ConnectionError(f"{url}: bad Content-Length {value[:40]!r}")
+    return int(value)
 
 
 def _read_body(sock: socket.socket, length: int, url: str) -> bytes:
