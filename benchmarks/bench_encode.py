@@ -1,6 +1,6 @@
 """Encoding job throughput vs the bare encoder forward pass, in the same run (target ratio >= 0.9).
 
-The job (`tsvae_dist.encode.run`, one process) reads the image shards, decodes them in loader
+The job (`tsvae_dist.stages.encode.run`, one process) reads the image shards, decodes them in loader
 workers, encodes them in chunks and writes latent shards with done markers and the manifests; the
 bare pass calls `model.encode` on the same images already in memory as float tensors, with the
 same chunk size and thread count. Default: the paper's CelebA-64 network (InfoGAN, κ = 64) on
@@ -22,17 +22,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.synthetic import build_synthetic
-from tsvae_dist import encode, storage
+from tsvae_dist import storage
 from tsvae_dist.cli import compose
-from tsvae_dist.models import build_stage1
-from tsvae_dist.preemption import StopFlag
-from tsvae_dist.stage1 import model_url, save_model
+from tsvae_dist.config import to_container
+from tsvae_dist.data.prefetch import decode_image_shard
+from tsvae_dist.data.synthetic import build_synthetic
+from tsvae_dist.data.workers import unit_float
+from tsvae_dist.models.build import build_stage1
+from tsvae_dist.models.io import save_model
+from tsvae_dist.runtime.preemption import StopFlag
+from tsvae_dist.stages import encode
 
 
 def _bare_forward(model: torch.nn.Module, images: np.ndarray, batch: int) -> float:
     """Samples/s of `model.encode` alone over the images (uint8 → float outside the timing)."""
-    x = encode.unit_float(images)
+    x = unit_float(images)
     with torch.no_grad():
         model.encode(x[:batch])  # warm-up: first-call allocations and kernel selection
         start = time.perf_counter()
@@ -69,10 +73,10 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_stage1(cfg.model, cfg.dataset.channels, cfg.dataset.resolution).eval()
         storage.makedirs(str(run / "stage1"))
-        save_model(model_url(cfg, "stage1"), model, cfg, "stage1", samples_seen=0)
+        save_model(cfg.layout.model("stage1"), model, to_container(cfg), "stage1", samples_seen=0)
 
         # The bare forward pass first, on every image in memory.
-        images = np.concatenate([encode.decode_image_shard(str(data), entry, [3, args.resolution, args.resolution])[1]
+        images = np.concatenate([decode_image_shard(str(data), entry, [3, args.resolution, args.resolution])[1]
                                  for split in ("train", "test")
                                  for entry in json.loads((data / "manifest.json").read_text())["splits"][split]
                                  ["shards"]])

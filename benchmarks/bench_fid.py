@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tsvae_dist.fid import FEATURE_DIM, FeatureStats, InceptionNet, extract_features
+from tsvae_dist.fid.inception import FEATURE_DIM, InceptionNet, extract_features
+from tsvae_dist.fid.stats import FeatureStats
 
 
 def _images(n: int, size: int) -> torch.Tensor:

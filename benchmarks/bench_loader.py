@@ -2,7 +2,7 @@
 
 One run measures, in decoded samples per second (each read once, as uint8 → float32 [B,3,64,64]):
 - memory:    the same images from an in-memory uint8 array, shuffled batches (the ceiling);
-- local:     our loader (tsvae_dist.loader.StreamLoader) from local files;
+- local:     our loader (tsvae_dist.data.loader.StreamLoader) from local files;
 - s3:        our loader from the S3 server (whole-shard GETs through storage);
 - wds-pipe:  webdataset over `pipe:aws s3 cp s3://... -` URLs, as open_clip streams from S3;
 - wds-fsspec: webdataset over s3:// URLs through our opener (storage.register_webdataset_opener);
@@ -37,10 +37,11 @@ import numpy as np
 import torch
 
 from shards.common import write_split
-from shards.synthetic import disc_images, sample_factors
-from shards.writer import finish_dataset
-from tsvae_dist import shardformat, storage
-from tsvae_dist.loader import LoaderConfig, StreamLoader
+from tsvae_dist import storage
+from tsvae_dist.data import shardformat
+from tsvae_dist.data.loader import LoaderConfig, StreamLoader
+from tsvae_dist.data.synthetic import disc_images, sample_factors
+from tsvae_dist.data.writer import finish_dataset
 
 RES = 64
 

@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.stagerun import env, tiny_overrides  # noqa: E402  (the same tiny setting as the tests)
+from tsvae_dist.layout import STAGES  # noqa: E402
 
-STAGES = ("stage1", "encode", "stage2", "evaluate")
-_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \[rank 0\] tsvae_dist.jobs: (\w+): Slurm job")
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \[rank 0\] tsvae_dist.pipeline.task: (\w+): Slurm job")
 
 
 def _first_metrics(run_dir: Path, stage: str, after: int = 0) -> bool:

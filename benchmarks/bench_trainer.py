@@ -16,15 +16,17 @@ import time
 
 import torch
 
-from shards.synthetic import build_synthetic
-from tsvae_dist import dist
 from tsvae_dist.config import LoaderConfig, TrainConfig
-from tsvae_dist.loader import StreamLoader
-from tsvae_dist.models import ModelConfig, build_stage1
-from tsvae_dist.noise import keyed_normal
-from tsvae_dist.precision import autocast
-from tsvae_dist.preemption import StopFlag
-from tsvae_dist.trainer import TrainJob, train
+from tsvae_dist.data.loader import StreamLoader
+from tsvae_dist.data.synthetic import build_synthetic
+from tsvae_dist.layout import RunLayout
+from tsvae_dist.models.build import build_stage1
+from tsvae_dist.models.config import ModelConfig
+from tsvae_dist.runtime import dist
+from tsvae_dist.runtime.noise import keyed_normal
+from tsvae_dist.runtime.preemption import StopFlag
+from tsvae_dist.train.loop import TrainJob, train
+from tsvae_dist.train.precision import autocast
 
 
 def plain_loop(model: torch.nn.Module, images: torch.Tensor, steps: int, batch: int, latent_dim: int,
@@ -52,7 +54,7 @@ WORKERS = 1  # loader worker processes of our trainer (--workers)
 
 def our_trainer(model: torch.nn.Module, root: str, steps_per_epoch: int, epochs: int, batch: int,
                 latent_dim: int, precision: str, workdir: str, info: dist.DistInfo) -> float:
-    """Samples/s of tsvae_dist.trainer.train (loader, keyed noise, metrics, checkpoints)."""
+    """Samples/s of tsvae_dist.train.loop.train (loader, keyed noise, metrics, checkpoints)."""
     cfg = TrainConfig(batch_size=batch, epochs=epochs, lr=1e-4, precision=precision, progress_bar=False,
                       checkpoint_every_steps=10**9, log_every_steps=10,
                       loader=LoaderConfig(workers=WORKERS, streams=1))
@@ -61,7 +63,7 @@ def our_trainer(model: torch.nn.Module, root: str, steps_per_epoch: int, epochs:
     def inputs(b, epoch):
         return b["image"], keyed_normal(b["key"], latent_dim, 0, "stage1", epoch)
 
-    job = TrainJob("stage1", model, loader, inputs, workdir, {"bench": True})
+    job = TrainJob("stage1", model, loader, inputs, RunLayout(workdir), {"bench": True})
     start = time.perf_counter()
     train(job, cfg, info, StopFlag())
     if info.device.type == "cuda":

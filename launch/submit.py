@@ -21,9 +21,10 @@ config_lib.register()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(composed: DictConfig) -> None:
-    from tsvae_dist.fid_eval import check_fid_config
-    from tsvae_dist.launcher import launch, status
-    from tsvae_dist.slurm import SlurmError, StageFailed
+    from tsvae_dist.fid.weights import check_fid_config
+    from tsvae_dist.pipeline.follow import StageFailed
+    from tsvae_dist.pipeline.launcher import launch, status
+    from tsvae_dist.pipeline.slurm import SlurmError
     from tsvae_dist.storage import StorageError
 
     try:

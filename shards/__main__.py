@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tsvae_dist import shardformat
+from tsvae_dist.data import shardformat
 from tsvae_dist.errors import DataError
 
 
 def _synthetic(args: argparse.Namespace) -> None:
-    from shards.synthetic import build_synthetic
+    from tsvae_dist.data.synthetic import build_synthetic
 
     manifest = build_synthetic(args.out, resolution=args.resolution, train=args.train, test=args.test,
                                samples_per_shard=args.samples_per_shard, seed=args.seed)

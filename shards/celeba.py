@@ -31,8 +31,8 @@ from shards.common import (
     resize,
     write_split,
 )
-from shards.writer import finish_dataset
 from tsvae_dist import storage
+from tsvae_dist.data.writer import finish_dataset
 from tsvae_dist.errors import DataError
 
 BUILDER = "celeba-aligned/1"

@@ -13,8 +13,9 @@ import tarfile
 import numpy as np
 
 from shards.common import check_positive, input_record, read_input, write_split
-from shards.writer import finish_dataset
-from tsvae_dist import shardformat, storage
+from tsvae_dist import storage
+from tsvae_dist.data import shardformat
+from tsvae_dist.data.writer import finish_dataset
 from tsvae_dist.errors import DataError
 
 BUILDER = "cifar10-binary/1"

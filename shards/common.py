@@ -4,7 +4,7 @@ Builders never download: the user fetches the raw files, a builder reads them fr
 any fsspec URL. Every builder records in the manifest's `source` the SHA-256 of what it read and how
 it preprocessed it, so a dataset says where it came from. Output is deterministic: samples are
 written in a fixed order (parallel workers return results in input order), PNG encoding has fixed
-settings, and tar members fixed metadata (shards.writer); the same inputs give byte-identical shards
+settings, and tar members fixed metadata (tsvae_dist.data.writer); the same inputs give byte-identical shards
 with the same library versions (a different zlib or JPEG decoder may change the bytes, not the
 geometry).
 """
@@ -21,8 +21,9 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from shards.writer import ShardWriter
-from tsvae_dist import shardformat, storage
+from tsvae_dist import storage
+from tsvae_dist.data import shardformat
+from tsvae_dist.data.writer import ShardWriter
 from tsvae_dist.errors import DataError
 
 T = TypeVar("T")

@@ -25,8 +25,8 @@ from shards.common import (
     to_channels,
     write_split,
 )
-from shards.writer import finish_dataset
 from tsvae_dist import storage
+from tsvae_dist.data.writer import finish_dataset
 from tsvae_dist.errors import DataError
 
 BUILDER = "folder/1"

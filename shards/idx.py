@@ -12,8 +12,9 @@ import gzip
 import numpy as np
 
 from shards.common import check_positive, input_record, read_input, write_split
-from shards.writer import finish_dataset
-from tsvae_dist import shardformat, storage
+from tsvae_dist import storage
+from tsvae_dist.data import shardformat
+from tsvae_dist.data.writer import finish_dataset
 from tsvae_dist.errors import DataError
 
 BUILDER = "idx/1"

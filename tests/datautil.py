@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from shards.synthetic import build_synthetic
-from shards.writer import ShardWriter, finish_dataset
-from tsvae_dist import shardformat
+from tsvae_dist.data import shardformat
+from tsvae_dist.data.prefetch import decode_image_shard
+from tsvae_dist.data.synthetic import build_synthetic
+from tsvae_dist.data.writer import ShardWriter, finish_dataset
 
 
 def build_images(root: str, *, train: int = 230, test: int = 50, per_shard: int = 20, resolution: int = 8,
@@ -48,3 +49,13 @@ def build_custom(root: str, samples: list[tuple[str, dict[str, bytes]]], *, shap
 
 def rgb(h: int, w: int, value: int = 7) -> np.ndarray:
     return np.full((h, w, 3), value, dtype=np.uint8)
+
+
+def split_images(root: str, split: str) -> dict[str, np.ndarray]:
+    """{key: uint8 [C,H,W]} of every image of a split, decoded as the encode and evaluate stages decode."""
+    manifest = shardformat.read_manifest(root)
+    out: dict[str, np.ndarray] = {}
+    for entry in manifest["splits"][split]["shards"]:
+        keys, images = decode_image_shard(shardformat.dataset_root(root), entry, manifest["shape"])
+        out.update(zip(keys, images, strict=True))
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tsvae_dist.fid import InceptionNet
+from tsvae_dist.fid.inception import InceptionNet
 
 
 def calibrated_inception_state(side: int = 64) -> dict[str, torch.Tensor]:

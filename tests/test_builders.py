@@ -18,9 +18,9 @@ from shards.celeba import build_celeba, preprocess
 from shards.cifar10 import build_cifar10
 from shards.folder import build_folder, is_test
 from shards.idx import build_idx
-from tsvae_dist import shardformat
+from tests.datautil import split_images
+from tsvae_dist.data import shardformat
 from tsvae_dist.errors import DataError
-from tsvae_dist.loader import iter_split_shards
 
 
 def _tree(root: str) -> dict[str, bytes]:
@@ -33,9 +33,8 @@ def _tree(root: str) -> dict[str, bytes]:
 
 
 def _samples(root: str, split: str) -> dict[str, np.ndarray]:
-    """{key: uint8 [C,H,W]} of a split, read back through the loader's decoding path."""
-    return {k: np.rint(s["image"].numpy() * 255).astype(np.uint8)
-            for _, it in iter_split_shards(root, split, 0, 1) for k, s in it}
+    """{key: uint8 [C,H,W]} of a split, read back through the stages' decoding path."""
+    return split_images(root, split)
 
 
 def _shard_hashes(manifest: dict) -> dict[str, list[str]]:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tsvae_dist.checkpoint import CheckpointStore, check_resumable, config_differences
 from tsvae_dist.errors import CheckpointError
+from tsvae_dist.train.checkpoint import CheckpointStore, check_resumable, config_differences
 
 
 def state(step: int) -> dict:

@@ -12,14 +12,17 @@ import pytest
 import torch
 
 from tests.stagerun import run_stage, tiny_overrides
-from tsvae_dist import encode, storage
+from tsvae_dist import storage
 from tsvae_dist.cli import compose
-from tsvae_dist.datasets import ensure_dataset
+from tsvae_dist.config import to_container
+from tsvae_dist.data.datasets import ensure_dataset
+from tsvae_dist.data.prefetch import ShardPrefetcher
 from tsvae_dist.errors import CheckpointError, DataError
-from tsvae_dist.models import build_stage1
-from tsvae_dist.preemption import Preempted, StopFlag
-from tsvae_dist.stage1 import model_url, save_model
-from tsvae_dist.stage2 import check_latents
+from tsvae_dist.models.build import build_stage1
+from tsvae_dist.models.io import save_model
+from tsvae_dist.runtime.preemption import Preempted, StopFlag
+from tsvae_dist.stages import encode
+from tsvae_dist.stages.stage2 import check_latents
 
 TRAIN_SHARDS, TEST_SHARDS = 8, 2  # 512 and 128 images at 64 per shard (tiny_overrides)
 
@@ -40,7 +43,7 @@ def _save_encoder(cfg, seed: int) -> None:
     """A stage-1 model artifact with random weights (the encoder's values do not matter here)."""
     torch.manual_seed(seed)
     model = build_stage1(cfg.model, cfg.dataset.channels, cfg.dataset.resolution)
-    save_model(model_url(cfg, "stage1"), model, cfg, "stage1", samples_seen=0)
+    save_model(cfg.layout.model("stage1"), model, to_container(cfg), "stage1", samples_seen=0)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -62,7 +65,7 @@ def encoded(tmp_path_factory):
     root = tmp_path_factory.mktemp("encode")
     overrides = tiny_overrides(root / "data", root / "run", **{"eval.batch_size": 24, "eval.workers": 1})
     cfg = compose(overrides)
-    ensure_dataset(cfg)
+    ensure_dataset(cfg.dataset, cfg.dataset_root)
     storage.makedirs(str(root / "run" / "stage1"))
     _save_encoder(cfg, seed=0)
     run_stage("encode", overrides)
@@ -131,7 +134,7 @@ def test_preempted_encoding_resumes_to_the_same_output(encoded, tmp_path, caplog
     assert sorted(p.name for p in latents.rglob("*.done")) == [f"shard-{i:06d}.tar.done" for i in range(3)]
     assert not (run_dir / "encode" / "MANIFEST.json").exists()
 
-    with caplog.at_level(logging.INFO, logger="tsvae_dist.encode"):
+    with caplog.at_level(logging.INFO, logger="tsvae_dist.stages.encode"):
         encode.run(cfg, stop=StopFlag())
     assert "encode train: rank 0 skips 3 finished shard(s)" in caplog.text
     assert _same_but_run_dir(_files(latents), encoded["reference"])
@@ -147,7 +150,7 @@ def test_latents_of_another_encoder_are_refused_and_re_encoded(encoded, tmp_path
         check_latents(cfg)
 
     (run_dir / "encode" / "MANIFEST.json").unlink()
-    with caplog.at_level(logging.INFO, logger="tsvae_dist.encode"):
+    with caplog.at_level(logging.INFO, logger="tsvae_dist.stages.encode"):
         encode.run(cfg, stop=StopFlag())
     assert "skips" not in caplog.text  # every done marker named the old encoder
     check_latents(cfg)
@@ -164,7 +167,7 @@ def test_a_corrupt_input_shard_is_a_one_line_data_error(encoded, tmp_path, worke
     manifest = json.loads((data / "manifest.json").read_text())
     entries = manifest["splits"]["train"]["shards"][:3]
     (data / entries[1]["name"]).write_bytes(b"not a tar")
-    with encode.ShardPrefetcher(str(data), entries, manifest["shape"], workers) as decoded:
+    with ShardPrefetcher(str(data), entries, manifest["shape"], workers) as decoded:
         name, keys, images = next(decoded)
         assert name == entries[0]["name"] and images.shape == (64, 3, 32, 32) and len(keys) == 64
         with pytest.raises(DataError) as info:

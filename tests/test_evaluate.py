@@ -22,11 +22,11 @@ import torch
 
 from tests.fidutil import calibrated_inception_state
 from tests.stagerun import REPO, env, run_stage, stage_command, tiny_overrides
-from tsvae_dist import evaluate
 from tsvae_dist.cli import compose
 from tsvae_dist.errors import ConfigError
-from tsvae_dist.fid_eval import check_fid_config
-from tsvae_dist.preemption import StopFlag
+from tsvae_dist.fid.weights import check_fid_config
+from tsvae_dist.runtime.preemption import StopFlag
+from tsvae_dist.stages import evaluate
 
 FID_SETS = ("reconstructions", "stage1_samples", "stage2_samples")
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.fidutil import calibrated_inception_state
-from tsvae_dist.fid import FEATURE_DIM, InceptionNet, extract_features, fp32_precision, resize_bilinear_tf1
+from tsvae_dist.fid.inception import FEATURE_DIM, InceptionNet, extract_features, fp32_precision, resize_bilinear_tf1
 
 LAYERS = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
           "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",

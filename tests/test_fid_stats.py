@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tsvae_dist.errors import CheckpointError, DataError
-from tsvae_dist.fid import FeatureStats, frechet_distance, load_reference_stats, save_reference_stats
+from tsvae_dist.fid.stats import FeatureStats, frechet_distance, load_reference_stats, save_reference_stats
 
 
 def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:

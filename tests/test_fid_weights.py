@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tsvae_dist.errors import ConfigError
-from tsvae_dist.fid import InceptionNet, load_inception
+from tsvae_dist.fid.inception import InceptionNet, load_inception
 
 
 @pytest.fixture(scope="module")

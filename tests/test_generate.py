@@ -10,9 +10,10 @@ import torch
 from tests.stagerun import run_stage, tiny_overrides
 from tsvae_dist import storage
 from tsvae_dist.cli import compose
-from tsvae_dist.models import build_stage1, build_stage2
-from tsvae_dist.sampling import MODES, sample_images
-from tsvae_dist.stage1 import model_url, save_model
+from tsvae_dist.config import to_container
+from tsvae_dist.models.build import build_stage1, build_stage2
+from tsvae_dist.models.io import save_model
+from tsvae_dist.models.sampling import MODES, sample_images
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def models(tmp_path_factory):
     stage2 = build_stage2(cfg.model).eval()
     for stage, model in (("stage1", stage1), ("stage2", stage2)):
         storage.makedirs(str(root / "run" / stage))
-        save_model(model_url(cfg, stage), model, cfg, stage, samples_seen=0)
+        save_model(cfg.layout.model(stage), model, to_container(cfg), stage, samples_seen=0)
     return {"root": root, "overrides": overrides, "cfg": cfg, "stage1": stage1, "stage2": stage2}
 
 

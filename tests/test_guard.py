@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from tests.datautil import build_custom, build_images, rgb
-from tsvae_dist import shardformat, storage
+from tsvae_dist import storage
+from tsvae_dist.data import shardformat
+from tsvae_dist.data.loader import LoaderConfig, StreamLoader
 from tsvae_dist.errors import DataError
-from tsvae_dist.loader import LoaderConfig, StreamLoader
 
 
 def _loader(root: str, *, workers: int = 0, streams: int = 2, batch: int = 8, skip: int = 0) -> StreamLoader:
@@ -155,7 +156,7 @@ def test_skips_beyond_the_limit_stop_the_job(damaged):
 def test_skips_within_the_limit_are_counted_logged_and_exact_on_resume(damaged, caplog, workers):
     root, bad = damaged
     loader = _loader(root, skip=10, workers=workers)
-    with caplog.at_level(logging.WARNING, logger="tsvae_dist.loader"):
+    with caplog.at_level(logging.WARNING, logger="tsvae_dist.data.loader"):
         batches = _keys(loader, epoch=1)
     assert len(batches) == loader.steps_per_epoch == 6
     seen = {k for b in batches for k in b}

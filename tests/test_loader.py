@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.datautil import build_custom, build_images, build_latents, latent_value, rgb
-from tsvae_dist import shardformat, storage
+from tests.datautil import build_custom, build_images, build_latents, latent_value, rgb, split_images
+from tsvae_dist import storage
+from tsvae_dist.data import shardformat
+from tsvae_dist.data.loader import LoaderConfig, StreamLoader
+from tsvae_dist.data.workers import unit_float
 from tsvae_dist.errors import ConfigError, DataError
-from tsvae_dist.loader import LoaderConfig, StreamLoader, collate, iter_split_shards
 
 
 @pytest.fixture(scope="module")
@@ -193,25 +195,9 @@ def test_image_values_match_the_shards(images):
     batch = next(iter(_loader(images).epoch(0)))
     assert batch["image"].dtype == torch.float32
     assert 0.0 <= batch["image"].min() <= batch["image"].max() <= 1.0
-    samples = dict(kv for _, it in iter_split_shards(images, "train", 0, 1) for kv in it)
+    samples = split_images(images, "train")
     for i, key in enumerate(batch["key"]):
-        assert torch.equal(batch["image"][i], samples[key]["image"])
-
-
-def test_iter_split_shards_deals_shards_to_ranks(images):
-    names = [s["name"] for s in shardformat.read_manifest(images)["splits"]["test"]["shards"]]
-    seen = {}
-    for rank in range(2):
-        for name, samples in iter_split_shards(images + "/manifest.json", "test", rank, 2):
-            assert names.index(name) % 2 == rank
-            seen[name] = list(samples)
-    assert sorted(seen) == names
-    keys = [k for n in names for k, _ in seen[n]]
-    assert keys == [f"test-{i:08d}" for i in range(50)]
-    batch = collate(seen[names[0]][:5])
-    assert batch["key"] == keys[:5] and batch["image"].shape == (5, 3, 8, 8)
-    with pytest.raises(DataError, match=r"splits\.val: no such split"):
-        list(iter_split_shards(images, "val", 0, 1))
+        assert torch.equal(batch["image"][i], unit_float(samples[key]))
 
 
 def test_memory_filesystem(images):

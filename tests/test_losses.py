@@ -6,7 +6,9 @@ import math
 
 import torch
 
-from tsvae_dist.models import ModelConfig, Stage2VAE, build_stage1
+from tsvae_dist.models.build import build_stage1
+from tsvae_dist.models.config import ModelConfig
+from tsvae_dist.models.latent_vae import Stage2VAE
 from tsvae_dist.models.losses import bernoulli_nll, gaussian_nll, kl_standard_normal
 
 

@@ -9,8 +9,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from tsvae_dist.errors import ConfigError
-from tsvae_dist.models import ModelConfig, Stage2VAE, build_stage1, build_stage2
-from tsvae_dist.models.resnet import decoder_start, derived_num_scales
+from tsvae_dist.models.build import build_stage1, build_stage2
+from tsvae_dist.models.config import ModelConfig
+from tsvae_dist.models.geometry import decoder_start, derived_num_scales
+from tsvae_dist.models.latent_vae import Stage2VAE
 
 SUPPORTED = {
     "infogan": (28, 32, 64, 128),

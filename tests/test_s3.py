@@ -26,8 +26,9 @@ import torch
 from tests.cluster import DEV_CLUSTER, REPO
 from tests.datautil import build_images
 from tests.stagerun import env, kill_job, run_stage, stage_command, tiny_overrides
-from tsvae_dist import shardformat, storage
-from tsvae_dist.loader import LoaderConfig, StreamLoader
+from tsvae_dist import storage
+from tsvae_dist.data import shardformat
+from tsvae_dist.data.loader import LoaderConfig, StreamLoader
 
 pytestmark = pytest.mark.s3
 

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tsvae_dist import s3_direct, storage
+from tsvae_dist import storage
+from tsvae_dist.storage import s3_direct
 
 Handler = Callable[[socket.socket, bytes], None]
 

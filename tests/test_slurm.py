@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from tests.stagerun import REPO, env, load_model, run_stage, stage_command, tiny_overrides
+from tsvae_dist.layout import STAGES
 
 pytestmark = pytest.mark.slurm
 
-STAGES = ("stage1", "encode", "stage2", "evaluate")
+
 JOB_NAMES = ",".join(f"tsvae-{s}" for s in STAGES)
 
 
@@ -104,13 +105,14 @@ def _flip_byte(path: Path) -> bytes:
 def test_pipeline_failure_cancels_dependents_and_rerun_submits_only_what_is_left(
         slurm_env: dict[str, str], tmp_path: Path) -> None:
     from tsvae_dist.cli import compose
-    from tsvae_dist.datasets import ensure_dataset
+    from tsvae_dist.data.datasets import ensure_dataset
 
     data, run_dir = tmp_path / "data", tmp_path / "run"
     command = [*tiny_overrides(data, run_dir, **{"stage1.loader.streams": 4, "stage2.loader.streams": 4}),
                "cluster=slurm", "nodes=4", "cluster.tasks_per_node=1", "cluster.poll_s=1",
                "+cluster.stage_overrides.evaluate.nodes=2"]  # evaluation on fewer nodes
-    manifest = ensure_dataset(compose(command))
+    cfg = compose(command)
+    manifest = ensure_dataset(cfg.dataset, cfg.dataset_root)
     train_shard = data / manifest["splits"]["train"]["shards"][3]["name"]
     test_shard = data / manifest["splits"]["test"]["shards"][1]["name"]
 

@@ -10,8 +10,10 @@ import pytest
 
 from tsvae_dist.cli import compose
 from tsvae_dist.errors import ConfigError
-from tsvae_dist.preemption import StopFlag, ignore_stop_signals
-from tsvae_dist.slurm import JobRecord, Partition, check_cluster, failure_reason, log_error
+from tsvae_dist.pipeline.follow import failure_reason, log_error
+from tsvae_dist.pipeline.slurm import JobRecord
+from tsvae_dist.pipeline.submit import Partition, check_cluster
+from tsvae_dist.runtime.preemption import StopFlag, ignore_stop_signals
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tsvae_dist.models import ModelConfig, build_stage1, convert_sync_batchnorm
-from tsvae_dist.models.sync_bn import DistributedBatchNorm
+from tsvae_dist.models.build import build_stage1
+from tsvae_dist.models.config import ModelConfig
+from tsvae_dist.models.sync_bn import DistributedBatchNorm, convert_sync_batchnorm
 
 STEPS = 3
 # kind: (batch, BN constructor, per-rank split of the batch, momentum). Uneven splits check the counts;

@@ -1,4 +1,4 @@
-"""Run one stage from the command line: `python -m tsvae_dist.<stage> [hydra overrides]`.
+"""Run one job from the command line: `python -m tsvae_dist.<stage> [hydra overrides]`.
 
 Works as a plain process, under `torchrun --nproc_per_node=N` and under `srun`: the same config
 composition as `launch/submit.py`, then the stage's `run(cfg)` in this process.
@@ -6,7 +6,6 @@ composition as `launch/submit.py`, then the stage's `run(cfg)` in this process.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -15,6 +14,9 @@ from typing import Any
 
 from tsvae_dist import config as config_lib
 from tsvae_dist.config import RunConfig
+from tsvae_dist.errors import CheckpointError, ConfigError, DataError
+from tsvae_dist.runtime.log import setup_logging
+from tsvae_dist.storage import StorageError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -32,18 +34,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> RunCo
     return cfg
 
 
-def setup_logging() -> None:
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
-    for noisy in ("aiobotocore", "botocore", "s3fs"):  # credential look-ups are not news
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def main(run: Callable[[RunConfig], Any], argv: Sequence[str] | None = None) -> None:
-    from tsvae_dist.errors import CheckpointError, ConfigError, DataError
-    from tsvae_dist.storage import StorageError
-
     setup_logging()
     try:
         cfg = compose(sys.argv[1:] if argv is None else argv)

@@ -1,8 +1,8 @@
 """The run configuration: typed dataclasses, registered as hydra structured configs.
 
-Each component owns its dataclass (`ModelConfig` in `models/`, `LoaderConfig` in `loader.py`); this
-module composes them into `RunConfig` and validates the whole before any job is submitted. The yaml
-files in `conf/` carry values only.
+Each component owns its dataclass (`ModelConfig` in `models.config`, `DatasetConfig` and `LoaderConfig`
+in `data.config`); this module composes them into `RunConfig` and validates the whole before any job
+is submitted. The yaml files in `conf/` carry values only. Importing it loads no torch.
 """
 
 from __future__ import annotations
@@ -13,24 +13,14 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from tsvae_dist import storage
+from tsvae_dist.data.config import DatasetConfig, LoaderConfig
 from tsvae_dist.errors import ConfigError
-from tsvae_dist.loader import LoaderConfig
+from tsvae_dist.layout import STAGES, RunLayout
 from tsvae_dist.models.config import ModelConfig
 
 DATASETS = ("synthetic", "mnist", "fashion", "cifar10", "celeba64", "celeba128", "celeba256", "folder")
 PRECISIONS = ("fp32", "bf16", "fp16")
-STAGES = ("stage1", "encode", "stage2", "evaluate")
-
-
-@dataclass
-class DatasetConfig:
-    name: str = "synthetic"  # one of DATASETS; selects the paper's preset values in conf/dataset/
-    root: str = ""  # URL of the shard directory holding manifest.json; "" = <data_root>/<name>
-    channels: int = 3  # image channels the shards hold (1 for MNIST/Fashion, 3 otherwise)
-    resolution: int = 32  # image side in pixels the shards hold
-    synthetic_train: int = 8192  # synthetic only: training images built on first use
-    synthetic_test: int = 1024  # synthetic only: test images built on first use
-    synthetic_samples_per_shard: int = 512  # synthetic only: images per tar shard
 
 
 @dataclass
@@ -126,9 +116,12 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
-    def dataset_root(self) -> str:
-        from tsvae_dist import storage
+    def layout(self) -> RunLayout:
+        """Every path of the run."""
+        return RunLayout(self.run_dir)
 
+    @property
+    def dataset_root(self) -> str:
         return self.dataset.root or storage.join(self.data_root, self.dataset.name)
 
     def world_size(self, stage: str) -> int:

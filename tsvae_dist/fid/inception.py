@@ -17,6 +17,8 @@ The attribute names give the state-dict layout of the commonly used converted we
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,6 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from tsvae_dist.errors import ConfigError
+from tsvae_dist.fid.weights import SETTING, STANDARD_FILE, expected_sha256, fetch_verified, first_line
 
 INPUT_SIZE = 299  # the TF graph's input resolution
 FEATURE_DIM = 2048  # pool3
@@ -291,3 +296,55 @@ def extract_features(net: InceptionNet, images: Tensor) -> Tensor:
     """Pool3 features of one batch, without autograd and in true fp32 on CUDA."""
     with torch.inference_mode(), fp32_precision():
         return net(images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the weights
+
+
+def _check_layout(net: InceptionNet, state: object, weights: str) -> None:
+    """One-line ConfigError unless `state` has exactly the FID Inception keys and shapes."""
+    if not isinstance(state, dict):
+        raise ConfigError(f"{SETTING}: '{weights}' holds a {type(state).__name__}, not a state dict")
+    wanted = net.state_dict()
+    missing = sorted(set(wanted) - set(state))
+    unexpected = sorted(set(state) - set(wanted))
+    if missing or unexpected:
+        raise ConfigError(
+            f"{SETTING}: '{weights}' is not an FID Inception state dict: {len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+    for key, value in wanted.items():
+        got = state[key]
+        if not isinstance(got, torch.Tensor) or got.shape != value.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise ConfigError(
+                f"{SETTING}: '{weights}' is not an FID Inception state dict: {key} has shape {shape}, "
+                f"expected {tuple(value.shape)}")
+
+
+def load_inception(weights: str, sha256: str | None, cache_dir: str) -> InceptionNet:
+    """The FID Inception with the configured weights, in eval mode, on the CPU, without gradients.
+
+    Its `weights_sha256` attribute holds the full SHA-256 of the loaded file (for cache keys).
+
+    weights: local path, or URL (http(s) through urllib; s3://, file://, ... through
+      `tsvae_dist.storage`), of the converted TF weights; a URL is downloaded once into
+      `cache_dir` and reused while its hash matches.
+    sha256: the file's full SHA-256; None derives the expected prefix from the file name's
+      `-<hex>.` suffix (the torch.hub rule), as for `pt_inception-2015-12-05-6726825d.pth`.
+    cache_dir: where downloaded weights are kept.
+    With several ranks, call it on one rank per node first (then a barrier) to download once.
+    Every failure is a ConfigError naming `eval.inception_weights`.
+    """
+    if not weights:
+        raise ConfigError(f"{SETTING}: not set; set it to the path or URL of {STANDARD_FILE}")
+    data = fetch_verified(weights, expected_sha256(weights, sha256), cache_dir)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a corrupt or non-torch file
+        raise ConfigError(f"{SETTING}: '{weights}' is not a torch weights file: {first_line(e)}") from e
+    net = InceptionNet()
+    _check_layout(net, state, weights)
+    net.load_state_dict(state, strict=True)
+    net.weights_sha256 = hashlib.sha256(data).hexdigest()
+    return net.eval().requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Loading the converted TF Inception weights from a path or URL, hash-checked.
+"""Finding and verifying the converted TF Inception weights (a path or URL, hash-checked); torch-free.
 
 The weights file is configured, never fetched from a built-in address: FID numbers are only
 comparable with the exact graph of 2015-12-05, so the file's SHA-256 is always verified, either
@@ -10,17 +10,14 @@ file's SHA-256.
 from __future__ import annotations
 
 import hashlib
-import io
 import posixpath
 import re
 import urllib.parse
 import urllib.request
 
-import torch
-
 from tsvae_dist import storage
+from tsvae_dist.config import RunConfig
 from tsvae_dist.errors import ConfigError
-from tsvae_dist.fid.inception import InceptionNet
 
 SETTING = "eval.inception_weights"  # the config key named in every error
 HASH_SETTING = "eval.inception_sha256"  # the config key of the expected full SHA-256
@@ -28,7 +25,7 @@ STANDARD_FILE = "pt_inception-2015-12-05-6726825d.pth"
 _HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,64})\.")  # torch.hub's rule, with at least 8 hex digits
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -69,10 +66,10 @@ def _download(url: str) -> bytes:
                 return response.read()
         return storage.read_bytes(url)
     except (OSError, ValueError) as e:  # URLError and fsspec's FileNotFoundError are OSErrors
-        raise ConfigError(f"{SETTING}: cannot download '{url}': {_first_line(e)}") from e
+        raise ConfigError(f"{SETTING}: cannot download '{url}': {first_line(e)}") from e
 
 
-def _fetch_verified(weights: str, expected: str, cache_dir: str) -> bytes:
+def fetch_verified(weights: str, expected: str, cache_dir: str) -> bytes:
     """The verified bytes of `weights`; a URL is downloaded once into `cache_dir` (atomically)."""
     if not _is_url(weights):
         if not storage.exists(weights):
@@ -94,49 +91,48 @@ def _fetch_verified(weights: str, expected: str, cache_dir: str) -> bytes:
     return data
 
 
-def _check_layout(net: InceptionNet, state: object, weights: str) -> None:
-    """One-line ConfigError unless `state` has exactly the FID Inception keys and shapes."""
-    if not isinstance(state, dict):
-        raise ConfigError(f"{SETTING}: '{weights}' holds a {type(state).__name__}, not a state dict")
-    wanted = net.state_dict()
-    missing = sorted(set(wanted) - set(state))
-    unexpected = sorted(set(state) - set(wanted))
-    if missing or unexpected:
-        raise ConfigError(
-            f"{SETTING}: '{weights}' is not an FID Inception state dict: {len(missing)} missing keys "
-            f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
-    for key, value in wanted.items():
-        got = state[key]
-        if not isinstance(got, torch.Tensor) or got.shape != value.shape:
-            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            raise ConfigError(
-                f"{SETTING}: '{weights}' is not an FID Inception state dict: {key} has shape {shape}, "
-                f"expected {tuple(value.shape)}")
+# ---------------------------------------------------------------------------------------------
+# The configuration check before any job
 
 
-def load_inception(weights: str, sha256: str | None, cache_dir: str) -> InceptionNet:
-    """The FID Inception with the configured weights, in eval mode, on the CPU, without gradients.
+def fid_unavailable_reason(cfg: RunConfig) -> str | None:
+    """Why FID is not attempted under this config (None when it is)."""
+    if cfg.eval.fid == "off":
+        return "off (eval.fid=off)"
+    if not cfg.eval.inception_weights:
+        return (f"skipped: eval.inception_weights is not set; set it to the path or URL of {STANDARD_FILE} "
+                "(and eval.fid=required to insist)")
+    return None
 
-    Its `weights_sha256` attribute holds the full SHA-256 of the loaded file (for cache keys).
 
-    weights: local path, or URL (http(s) through urllib; s3://, file://, ... through
-      `tsvae_dist.storage`), of the converted TF weights; a URL is downloaded once into
-      `cache_dir` and reused while its hash matches.
-    sha256: the file's full SHA-256; None derives the expected prefix from the file name's
-      `-<hex>.` suffix (the torch.hub rule), as for `pt_inception-2015-12-05-6726825d.pth`.
-    cache_dir: where downloaded weights are kept.
-    With several ranks, call it on one rank per node first (then a barrier) to download once.
-    Every failure is a ConfigError naming `eval.inception_weights`.
+def _local_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with storage.open_read(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_fid_config(cfg: RunConfig) -> None:
+    """Before any job: with eval.fid=required the weights must be configured, present and verified.
+
+    A local file is hashed here (a second, cheap read); a URL is checked by the evaluation job,
+    which downloads it once into eval.cache_dir.
     """
-    if not weights:
-        raise ConfigError(f"{SETTING}: not set; set it to the path or URL of {STANDARD_FILE}")
-    data = _fetch_verified(weights, expected_sha256(weights, sha256), cache_dir)
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a corrupt or non-torch file
-        raise ConfigError(f"{SETTING}: '{weights}' is not a torch weights file: {_first_line(e)}") from e
-    net = InceptionNet()
-    _check_layout(net, state, weights)
-    net.load_state_dict(state, strict=True)
-    net.weights_sha256 = hashlib.sha256(data).hexdigest()
-    return net.eval().requires_grad_(False)
+    if cfg.eval.fid != "required":
+        return
+    reason = fid_unavailable_reason(cfg)
+    if reason is not None:
+        raise ConfigError(f"eval.inception_weights: eval.fid=required but it is not set; set it to the path or "
+                          f"URL of {STANDARD_FILE} (or eval.fid=auto to evaluate without FID)")
+    weights = cfg.eval.inception_weights
+    expected = expected_sha256(weights, cfg.eval.inception_sha256 or None)  # ConfigError naming the setting
+    if "://" in weights:
+        return
+    if not storage.exists(weights):
+        raise ConfigError(f"eval.inception_weights: eval.fid=required but '{weights}' does not exist; set it to "
+                          f"the path or URL of {STANDARD_FILE}")
+    got = _local_sha256(weights)
+    if not got.startswith(expected):
+        raise ConfigError(f"eval.inception_weights: '{weights}' has SHA-256 {got}, expected {expected}...; "
+                          f"point it at {STANDARD_FILE} (or set eval.inception_sha256)")

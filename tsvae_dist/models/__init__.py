@@ -1,17 +1,6 @@
-"""The Two-Stage VAE's networks: stage-1 families (InfoGAN, WAE, ResNet), stage 2, losses, sync BN."""
+"""The Two-Stage VAE's networks, plain `nn.Module`s with no I/O: the stage-1 image VAE (families InfoGAN,
+WAE, ResNet), the stage-2 latent VAE, their losses, a synced BatchNorm, and sampling.
 
-from .build import build_stage1, build_stage2
-from .config import ModelConfig
-from .stage1 import Stage1VAE
-from .stage2 import Stage2VAE
-from .sync_bn import DistributedBatchNorm, convert_sync_batchnorm
-
-__all__ = [
-    "DistributedBatchNorm",
-    "ModelConfig",
-    "Stage1VAE",
-    "Stage2VAE",
-    "build_stage1",
-    "build_stage2",
-    "convert_sync_batchnorm",
-]
+Import what you need from its module (`models.build`, `models.config`, ...): this package imports
+nothing itself, so `models.config` and `models.geometry` stay torch-free for config validation.
+"""

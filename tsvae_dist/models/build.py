@@ -5,11 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from .config import ModelConfig
+from .geometry import derived_num_scales
+from .image_vae import Stage1VAE
 from .infogan import InfoGANDecoder, InfoGANEncoder
+from .latent_vae import Stage2VAE
 from .layers import scaled
-from .resnet import ResNetDecoder, ResNetEncoder, derived_num_scales
-from .stage1 import Stage1VAE
-from .stage2 import Stage2VAE
+from .resnet import ResNetDecoder, ResNetEncoder
 from .wae import WAEDecoder, WAEEncoder
 
 

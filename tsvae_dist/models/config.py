@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tsvae_dist.errors import ConfigError
+from tsvae_dist.models.geometry import RESOLUTION_ERRORS
 
-from . import infogan, resnet, wae
-
-FAMILIES = {"infogan": infogan, "wae": wae, "resnet": resnet}
+FAMILIES = tuple(RESOLUTION_ERRORS)  # stage-1 network families
 DECODERS = ("gaussian", "cross_entropy")
 CHANNELS = (1, 3)
 
@@ -50,7 +49,7 @@ class ModelConfig:
             )
         if channels not in CHANNELS:
             raise ConfigError(f"dataset.channels: the models take {list(CHANNELS)} channels; got {channels}")
-        reason = FAMILIES[self.family].resolution_error(resolution)
+        reason = RESOLUTION_ERRORS[self.family](resolution)
         if reason is not None:
             raise ConfigError(
                 f"dataset.resolution: model.family {self.family!r} supports resolutions {reason}; "

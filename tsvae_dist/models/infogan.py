@@ -4,7 +4,7 @@ Encoder: conv64 4×4 s2 lReLU(0.2) → conv128 4×4 s2 BN lReLU → fc1024 BN lR
 norm on every encoder layer, σ = softplus(·) + 1e-6. Decoder: fc1024 BN ReLU → fc 128·(s/4)² BN
 ReLU → deconv64 4×4 s2 BN ReLU → deconv C 4×4 s2 (logits; the sigmoid is the caller's).
 The side goes s → s/2 → s/4 and back, so any s divisible by 4 works (28 → 14 → 7 is the paper's
-MNIST net); the fc layers grow as (s/4)², so large sides get expensive (see `resolution_error`).
+MNIST net); the fc layers grow as (s/4)², so large sides get expensive (see `geometry`).
 """
 
 from __future__ import annotations
@@ -15,20 +15,6 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from .layers import init_normal, scaled
-
-# The dense layers next to the (s/4)² map hold 2·1024·128·(s/4)² weights: 67M params in all at 64 px,
-# 270M at 128, 1.1B at 256. We stop at 128; resnet is the family for larger images.
-MIN_RESOLUTION, MAX_RESOLUTION = 8, 128
-
-
-def resolution_error(resolution: int) -> str | None:
-    """Why this family cannot build `resolution`, or None when it can."""
-    if resolution % 4 or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
-        return (
-            f"multiples of 4 from {MIN_RESOLUTION} to {MAX_RESOLUTION} (e.g. 28, 32, 64, 128; its dense "
-            "layers grow as side², 1.1B parameters at 256: use model.family=resnet there)"
-        )
-    return None
 
 
 def _sn(layer: nn.Module) -> nn.Module:

@@ -15,38 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .geometry import decoder_start
 from .layers import conv_same, deconv_double, init_glorot
-
-MIN_RESOLUTION, MAX_RESOLUTION = 8, 1024
-_MAX_START = 7  # largest decoder start side: the first dense layer holds s0²·dims[0]·κ weights
-_POOL_SIDE = 8  # derived encoder depth: downsample until the feature map is at most 8×8
-
-
-def decoder_start(resolution: int) -> tuple[int, int]:
-    """(s0, doublings): the decoder's start side and how many times it doubles to `resolution`."""
-    side, doublings = resolution, 0
-    while side % 2 == 0 and side > 2:
-        side, doublings = side // 2, doublings + 1
-    return side, doublings
-
-
-def derived_num_scales(resolution: int) -> int:
-    """Encoder scales when not set: 64 px → 4 (the original CelebA run), 32 → 3, 128 → 5, 256 → 6."""
-    side, scales = resolution, 1
-    while side > _POOL_SIDE:
-        side, scales = (side + 1) // 2, scales + 1
-    return scales
-
-
-def resolution_error(resolution: int) -> str | None:
-    """Why this family cannot build `resolution`, or None when it can."""
-    start, doublings = decoder_start(resolution)
-    if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION or start > _MAX_START or doublings < 2:
-        return (
-            f"s0·2^k with s0 in (2, 3, 5, 7), k >= 2, from {MIN_RESOLUTION} to {MAX_RESOLUTION} "
-            "(e.g. 28, 32, 64, 128, 256)"
-        )
-    return None
 
 
 class ResBlock(nn.Module):

@@ -4,7 +4,7 @@ Encoder: conv 128/256/512/1024 5×5 (strides 1, 2, 2, 2) BN ReLU → fc μ, fc l
 Decoder: fc (s/8)²·1024 ReLU → deconv 512/256/128 5×5 s2 BN ReLU → deconv C 5×5 s1 (logits).
 At 64 px that is the paper's 8×8×1024 bottleneck; any side divisible by 8 builds the same way.
 The flattened (s/8)²·1024 features feed dense layers, so parameters grow as s²: at 128 px the three
-dense layers hold ~50M weights, at 256 px ~200M, which is where `resolution_error` stops (use resnet).
+dense layers hold ~50M weights, at 256 px ~200M, which is where `geometry` stops (use resnet).
 """
 
 from __future__ import annotations
@@ -14,18 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import init_glorot, scaled
-
-MIN_RESOLUTION, MAX_RESOLUTION = 16, 128
-
-
-def resolution_error(resolution: int) -> str | None:
-    """Why this family cannot build `resolution`, or None when it can."""
-    if resolution % 8 or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
-        return (
-            f"multiples of 8 from {MIN_RESOLUTION} to {MAX_RESOLUTION} (e.g. 32, 64, 128; its dense layers "
-            "grow as side², ~200M parameters at 256: use model.family=resnet there)"
-        )
-    return None
 
 
 def _conv(c_in: int, c_out: int, stride: int, bias: bool = True) -> nn.Conv2d:

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 from typing import Any
 
 import torch
 
 from tsvae_dist import storage
-from tsvae_dist.config import flatten
+from tsvae_dist.config import RunConfig, flatten, to_container
 from tsvae_dist.errors import CheckpointError
+from tsvae_dist.layout import checkpoint_name, checkpoint_samples
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
+# Keys that may change between a checkpoint and its resume without changing the result.
+NON_RESULT_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress_bar")
+NON_RESULT_LOADER_KEYS = ("workers", "prefetch_factor", "start_method", "max_skipped_samples", "record_keys")
 
 
 class CheckpointStore:
@@ -32,12 +34,13 @@ class CheckpointStore:
         self.keep = keep
 
     def _committed(self) -> list[tuple[int, str]]:
-        names = [(int(m.group(1)), n) for n in storage.listdir(self.directory) if (m := _NAME.match(n))]
+        names = [(samples, n) for n in storage.listdir(self.directory)
+                 if (samples := checkpoint_samples(n)) is not None]
         return sorted(names)
 
     def save(self, state: dict[str, Any], samples_seen: int) -> str:
         """Write `state` atomically as the checkpoint at `samples_seen`; prune the oldest beyond `keep`."""
-        url = storage.join(self.directory, f"ckpt-{samples_seen:012d}.pt")
+        url = storage.join(self.directory, checkpoint_name(samples_seen))
         storage.makedirs(self.directory)
         storage.write_bytes_atomic(url, storage.torch_save_bytes({**state, "complete": True}))
         for _, name in self._committed()[: -self.keep]:
@@ -59,6 +62,18 @@ class CheckpointStore:
             state["url"] = url
             return state
         return None
+
+
+def resume_config(cfg: RunConfig, stage: str, streams: int) -> dict[str, Any]:
+    """The config keys a checkpoint of training stage `stage` depends on (a resume under others is refused).
+
+    `streams`: the loader's effective stream count (the setting 0 means "world x workers").
+    """
+    c = to_container(cfg)
+    train_cfg = {k: v for k, v in c[stage].items() if k not in NON_RESULT_KEYS}
+    train_cfg["loader"] = {k: v for k, v in train_cfg["loader"].items() if k not in NON_RESULT_LOADER_KEYS}
+    train_cfg["loader"]["streams"] = streams
+    return {"seed": c["seed"], "dataset": c["dataset"], "model": c["model"], stage: train_cfg}
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

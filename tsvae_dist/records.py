@@ -1,8 +1,9 @@
-"""Stage manifests: a stage is done exactly when its MANIFEST.json exists.
+"""Stage records: a stage is done exactly when its record (`<run_dir>/<stage>/MANIFEST.json`) exists.
 
-Each stage writes its artifacts first and its manifest last (atomically): what it consumed, with
+Each stage writes its artifacts first and its record last (atomically): what it consumed, with
 hashes; what it produced, with hashes; the resolved config; the code revision. The launcher skips
-stages whose manifest exists.
+stages whose record exists (`RunLayout.is_done`). Not to be confused with a dataset's
+`manifest.json`, the index of its shards (`data.shardformat`).
 """
 
 from __future__ import annotations
@@ -16,24 +17,11 @@ from typing import Any
 
 from tsvae_dist import storage
 from tsvae_dist.config import RunConfig, to_container
-
-MANIFEST = "MANIFEST.json"
-
-
-def stage_dir(cfg: RunConfig, stage: str) -> str:
-    return storage.join(cfg.run_dir, stage)
+from tsvae_dist.layout import RunLayout
 
 
-def manifest_url(cfg: RunConfig, stage: str) -> str:
-    return storage.join(stage_dir(cfg, stage), MANIFEST)
-
-
-def is_done(cfg: RunConfig, stage: str) -> bool:
-    return storage.exists(manifest_url(cfg, stage))
-
-
-def read(cfg: RunConfig, stage: str) -> dict[str, Any]:
-    return json.loads(storage.read_text(manifest_url(cfg, stage)))
+def read(layout: RunLayout, stage: str) -> dict[str, Any]:
+    return json.loads(storage.read_text(layout.record(stage)))
 
 
 def sha256_of(url: str) -> str:
@@ -41,7 +29,7 @@ def sha256_of(url: str) -> str:
 
 
 def artifact(url: str) -> dict[str, str]:
-    """A manifest entry for one file: its URL and SHA-256."""
+    """A record's entry for one file: its URL and SHA-256."""
     return {"url": url, "sha256": sha256_of(url)}
 
 
@@ -59,8 +47,8 @@ def code_revision() -> str:
 
 def write(cfg: RunConfig, stage: str, consumed: dict[str, Any], produced: dict[str, Any],
           extra: dict[str, Any] | None = None) -> str:
-    """Commit a stage: write its manifest (last, atomically)."""
-    url = manifest_url(cfg, stage)
+    """Commit a stage: write its record (last, atomically)."""
+    url = cfg.layout.record(stage)
     body = {
         "stage": stage,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -18,16 +18,11 @@ import os
 import sys
 from typing import Any
 
-from tsvae_dist.preemption import Preempted, StopFlag, ignore_stop_signals
+from tsvae_dist.layout import stage_module
+from tsvae_dist.runtime.preemption import Preempted, StopFlag, ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
-STAGE_MODULES = {
-    "stage1": "tsvae_dist.stage1",
-    "encode": "tsvae_dist.encode",
-    "stage2": "tsvae_dist.stage2",
-    "evaluate": "tsvae_dist.evaluate",
-}
 
 
 class RequeueFailed(RuntimeError):
@@ -38,7 +33,7 @@ class StageTask:
     """Runs one pipeline stage on every task of a submitit job (local or Slurm)."""
 
     def __init__(self, stage: str, config: dict[str, Any]):
-        self.stage = stage  # a key of STAGE_MODULES
+        self.stage = stage  # one of layout.STAGES
         self.config = config  # the resolved RunConfig as plain data (pickles without our classes)
 
     def __call__(self) -> str:
@@ -47,8 +42,8 @@ class StageTask:
         import submitit
         import torch
 
-        from tsvae_dist.cli import setup_logging
         from tsvae_dist.config import from_container, stage_cluster
+        from tsvae_dist.runtime.log import setup_logging
 
         # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for torch.distributed and loader workers.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -64,7 +59,7 @@ class StageTask:
             log.info("%s: Slurm job %s, attempt %d", self.stage, os.environ.get("SLURM_JOB_ID"),
                      1 + int(os.environ.get("SLURM_RESTART_COUNT") or 0))
         try:
-            result = importlib.import_module(STAGE_MODULES[self.stage]).run(cfg)
+            result = importlib.import_module(stage_module(self.stage)).run(cfg)
         except Preempted as e:
             if not on_slurm:
                 raise
@@ -89,8 +84,8 @@ class StageTask:
 
 def _requeue_and_exit(stopped: Preempted, stop: StopFlag, rank: int, max_requeues: int) -> None:
     """After a committed checkpoint: requeue (rank 0, all tasks alive), then exit every task."""
-    from tsvae_dist import dist
-    from tsvae_dist.slurm import requeue_current_job
+    from tsvae_dist.pipeline.slurm import requeue_current_job
+    from tsvae_dist.runtime import dist
 
     if "SIGTERM" in stop.signals:
         why_not = None

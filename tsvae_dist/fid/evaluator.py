@@ -1,8 +1,8 @@
 """FID inside the evaluation job: Inception features reduced as sufficient statistics across ranks.
 
 `eval.fid` decides what happens when the Inception weights are not usable: `required` fails the
-configuration check before any job is submitted (`check_fid_config`, called by launch/submit.py),
-`auto` evaluates without FID and says in the report what to configure, `off` skips FID.
+configuration check before any job is submitted (`fid.weights.check_fid_config`, called by
+launch/submit.py), `auto` evaluates without FID and says in the report what to configure, `off` skips FID.
 
 Reference statistics of the test split (the first `eval.num_test` images, the training
 preprocessing) are cached in storage under a name made of the dataset manifest's hash, the
@@ -18,66 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from tsvae_dist import dist, storage
+from tsvae_dist import storage
 from tsvae_dist.config import RunConfig
 from tsvae_dist.errors import ConfigError
-from tsvae_dist.fid import (
-    FEATURE_DIM,
-    FeatureStats,
-    extract_features,
-    frechet_distance,
-    load_inception,
-    load_reference_stats,
-    save_reference_stats,
-)
-from tsvae_dist.fid.weights import STANDARD_FILE, expected_sha256
+from tsvae_dist.fid.inception import FEATURE_DIM, extract_features, load_inception
+from tsvae_dist.fid.stats import FeatureStats, frechet_distance, load_reference_stats, save_reference_stats
+from tsvae_dist.fid.weights import fid_unavailable_reason
+from tsvae_dist.runtime import dist
 
 log = logging.getLogger(__name__)
 SETS = ("reconstructions", "stage1_samples", "stage2_samples")  # the paper's three FIDs
 TEST = "test"  # the reference set's name among the statistics
-
-
-def fid_unavailable_reason(cfg: RunConfig) -> str | None:
-    """Why FID is not attempted under this config (None when it is)."""
-    if cfg.eval.fid == "off":
-        return "off (eval.fid=off)"
-    if not cfg.eval.inception_weights:
-        return (f"skipped: eval.inception_weights is not set; set it to the path or URL of {STANDARD_FILE} "
-                "(and eval.fid=required to insist)")
-    return None
-
-
-def _local_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with storage.open_read(path) as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_fid_config(cfg: RunConfig) -> None:
-    """Before any job: with eval.fid=required the weights must be configured, present and verified.
-
-    A local file is hashed here (a second, cheap read); a URL is checked by the evaluation job,
-    which downloads it once into eval.cache_dir.
-    """
-    if cfg.eval.fid != "required":
-        return
-    reason = fid_unavailable_reason(cfg)
-    if reason is not None:
-        raise ConfigError(f"eval.inception_weights: eval.fid=required but it is not set; set it to the path or "
-                          f"URL of {STANDARD_FILE} (or eval.fid=auto to evaluate without FID)")
-    weights = cfg.eval.inception_weights
-    expected = expected_sha256(weights, cfg.eval.inception_sha256 or None)  # ConfigError naming the setting
-    if "://" in weights:
-        return
-    if not storage.exists(weights):
-        raise ConfigError(f"eval.inception_weights: eval.fid=required but '{weights}' does not exist; set it to "
-                          f"the path or URL of {STANDARD_FILE}")
-    got = _local_sha256(weights)
-    if not got.startswith(expected):
-        raise ConfigError(f"eval.inception_weights: '{weights}' has SHA-256 {got}, expected {expected}...; "
-                          f"point it at {STANDARD_FILE} (or set eval.inception_sha256)")
 
 
 def reference_url(cfg: RunConfig, data: dict[str, Any], n_test: int, weights_sha: str) -> str:

@@ -3,7 +3,7 @@
 The handler does no I/O and no collective: it may run on any rank at any moment (Slurm sends
 USR1/USR2 ahead of a time limit, TERM on partition preemption). The loop agrees on the flag across
 ranks at the next step boundary, saves one checkpoint and raises `Preempted`; the job wrapper
-(`jobs.StageTask`) then requeues.
+(`pipeline.task.StageTask`) then requeues.
 
 The job wrapper installs a flag as the first thing a job does, and the trainer installs its own
 later: the later flag shares the earlier one's state, so a signal that arrives in between (while

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from tsvae_dist.noise import keyed_normal
+from tsvae_dist.runtime.noise import keyed_normal
 
 MODES = ("stage1", "stage2")
 

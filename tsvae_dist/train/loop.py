@@ -7,7 +7,6 @@ paper's Adam step schedule, checkpoints with exact resume, preemption, metrics.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -20,12 +19,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tsvae_dist import dist, precision, storage
-from tsvae_dist.checkpoint import CheckpointStore, check_resumable
 from tsvae_dist.config import TrainConfig
-from tsvae_dist.loader import StreamLoader
-from tsvae_dist.models import convert_sync_batchnorm
-from tsvae_dist.preemption import Preempted, StopFlag
+from tsvae_dist.data.loader import StreamLoader
+from tsvae_dist.layout import RunLayout
+from tsvae_dist.models.sync_bn import convert_sync_batchnorm
+from tsvae_dist.runtime import dist
+from tsvae_dist.runtime.preemption import Preempted, StopFlag
+from tsvae_dist.train import precision
+from tsvae_dist.train.checkpoint import CheckpointStore, check_resumable
+from tsvae_dist.train.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class TrainJob:
     model: nn.Module  # forward(*inputs) -> dict of scalar tensors with "loss"
     loader: StreamLoader  # deterministic batches per (epoch, step)
     inputs: Callable[[dict[str, Any], int], tuple[torch.Tensor, ...]]  # (batch, epoch) -> forward args
-    directory: str  # the stage's directory in the run: checkpoints/, metrics.jsonl, tb/
+    layout: RunLayout  # the run's paths: the stage's checkpoints/, metrics.jsonl, tb/
     resume_config: dict[str, Any]  # config keys that change results; a resume under others is refused
 
 
@@ -62,51 +64,6 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * 0.5 ** (epoch // cfg.lr_halve_every_epochs)
 
 
-class MetricsLog:
-    """JSON lines on rank 0 (appended locally, rewritten whole on object stores) plus TensorBoard."""
-
-    def __init__(self, directory: str, resume_step: int, enabled: bool):
-        self.url = storage.join(directory, "metrics.jsonl")
-        self.enabled = enabled
-        self.lines: list[str] = []
-        self.tb = None
-        if not enabled:
-            return
-        if storage.exists(self.url):  # drop lines past the checkpoint we resume from: they get redone
-            old = storage.read_text(self.url).splitlines()
-            self.lines = [ln for ln in old if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            storage.write_text_atomic(self.url, "".join(ln + "\n" for ln in self.lines))
-        if "://" not in directory:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(storage.join(directory, "tb"), purge_step=resume_step + 1)
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.lines.append(json.dumps({"step": step, **metrics}))
-        if "://" not in self.url:
-            with open(self.url, "a") as f:
-                f.write(self.lines[-1] + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
-
-    def flush(self) -> None:
-        """Persist (called with each checkpoint; on object stores this rewrites the object)."""
-        if not self.enabled:
-            return
-        if "://" in self.url:
-            storage.write_text_atomic(self.url, "".join(ln + "\n" for ln in self.lines))
-        if self.tb is not None:
-            self.tb.flush()
-
-    def close(self) -> None:
-        self.flush()
-        if self.tb is not None:
-            self.tb.close()
-
-
 def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag | None = None) -> TrainResult:
     """Train `job.model` for `cfg.epochs` epochs, resuming from the stage's latest checkpoint."""
     loader, steps_per_epoch = job.loader, job.loader.steps_per_epoch
@@ -124,7 +81,7 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     optimizer = precision.adam(model.parameters(), cfg.lr, betas, cfg.adam_eps, info.device)
     scaler = precision.grad_scaler(cfg.precision, info.device)
-    store = CheckpointStore(storage.join(job.directory, "checkpoints"), keep=cfg.keep_checkpoints)
+    store = CheckpointStore(job.layout.checkpoints(job.name), keep=cfg.keep_checkpoints)
 
     # Load the previous checkpoint, if any, and decide where to start.
     step = 0
@@ -140,7 +97,8 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
             torch.cuda.set_rng_state(state["rng"]["cuda"], info.device)
         if info.is_main:
             log.info("%s: resuming from %s at step %d/%d", job.name, state["url"], step, total_steps)
-    metrics_log = MetricsLog(job.directory, step, enabled=info.is_main)
+    metrics_log = MetricsLog(job.layout.metrics(job.name), job.layout.tensorboard(job.name), step,
+                             enabled=info.is_main)
 
     def save() -> None:
         if info.is_main:

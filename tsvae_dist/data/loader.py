@@ -65,76 +65,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tsvae_dist import shardformat
+from tsvae_dist.data import shardformat
+from tsvae_dist.data.config import LoaderConfig
+from tsvae_dist.data.workers import as_is, error_item, raise_if_error, stop_workers, unit_float
 from tsvae_dist.errors import ConfigError, DataError
-from tsvae_dist.preemption import ignore_stop_signals
+from tsvae_dist.runtime.preemption import ignore_stop_signals
 from tsvae_dist.storage import StorageError
 
 log = logging.getLogger(__name__)
 
-_START_METHODS = ("fork", "spawn", "forkserver")
 _SHARD_ORDER, _STREAM_SHUFFLE = 0, 1  # domain tags: keep the two random streams independent
-
-
-@dataclass
-class LoaderConfig:
-    """How samples are streamed; the global batch sequence depends only on `streams`, `shuffle_buffer`
-    and the seed (see the module docstring)."""
-
-    workers: int = 2
-    """DataLoader worker processes per rank; 0 reads in the training process itself."""
-    streams: int = 0
-    """Number of deterministic sample streams (0: world × max(workers, 1)). Each global batch is one
-    micro-batch of global_batch/streams samples from every stream, so keep this fixed to get the same
-    batches on any world size and worker count. Must be a multiple of the world size, a multiple of
-    `workers` per rank, divide the global batch, and not exceed the number of shards of the split."""
-    shuffle_buffer: int = 512
-    """Samples held by each stream's seeded shuffle buffer; 0 or 1 keeps the shard order."""
-    prefetch_factor: int = 2
-    """Micro-batches each worker prepares ahead (ignored when workers is 0)."""
-    start_method: str = "fork"
-    """How worker processes start: fork (fastest to start), spawn or forkserver."""
-    max_skipped_samples: int = 0
-    """Bad samples (undecodable, wrong shape or dtype; every sample of a corrupt shard) each rank may
-    skip per epoch, each logged with its shard and key; one more stops the job. 0: the first stops it."""
-    record_keys: str = ""
-    """Debugging: a local directory; each rank appends one JSON line {epoch, step, keys} per batch to
-    `rank-<rank>.jsonl` there. "" records nothing."""
-
-    def resolve_streams(self, world: int) -> int:
-        """The number of streams actually used for `world` ranks."""
-        return self.streams if self.streams > 0 else world * max(self.workers, 1)
-
-    def validate(self, global_batch: int, world: int) -> None:
-        """Raise ConfigError when the settings cannot work for this batch and world.
-
-        Messages start with the bare field name (`streams: ...`); callers prefix the config path.
-        """
-        if self.workers < 0:
-            raise ConfigError(f"workers: must be >= 0, got {self.workers}")
-        if self.streams < 0:
-            raise ConfigError(f"streams: must be >= 0 (0 = world x workers), got {self.streams}")
-        if self.shuffle_buffer < 0:
-            raise ConfigError(f"shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
-        if self.prefetch_factor < 1:
-            raise ConfigError(f"prefetch_factor: must be >= 1, got {self.prefetch_factor}")
-        if self.max_skipped_samples < 0:
-            raise ConfigError(f"max_skipped_samples: must be >= 0, got {self.max_skipped_samples}")
-        if self.record_keys and "://" in self.record_keys and not self.record_keys.startswith("file://"):
-            raise ConfigError(f"record_keys: must be a local directory, got {self.record_keys!r}")
-        if self.start_method not in _START_METHODS:
-            raise ConfigError(f"start_method: unknown {self.start_method!r}; "
-                              f"choose one of {_START_METHODS}")
-        if world < 1:
-            raise ConfigError(f"streams: needs a world size >= 1, got {world}")
-        streams = self.resolve_streams(world)
-        if streams % world:
-            raise ConfigError(f"streams: {streams} is not a multiple of the world size {world}")
-        if self.workers and (streams // world) % self.workers:
-            raise ConfigError(f"streams: {streams // world} streams per rank ({streams} / world "
-                              f"{world}) is not a multiple of workers={self.workers}")
-        if global_batch < 1 or global_batch % streams:
-            raise ConfigError(f"streams: {streams} does not divide the global batch {global_batch}")
 
 
 def _rng(*ids: int) -> np.random.Generator:
@@ -304,35 +244,13 @@ def _stack(items: list[tuple[str, shardformat.Sample]], kind: str) -> dict:
     return out
 
 
-def _unit_float(image: np.ndarray) -> torch.Tensor:
-    """uint8 → float32 in [0,1]. In numpy, single-threaded: torch's intra-op thread pool made this
-    small conversion ~30x slower on a busy 2-core machine. Same IEEE rounding as torch's division."""
-    return torch.from_numpy(np.divide(image, np.float32(255.0), dtype=np.float32))
-
-
 def _to_torch(batch: dict) -> dict:
     out: dict = {"key": batch["key"]}
     if "image" in batch:
-        out["image"] = _unit_float(batch["image"])
+        out["image"] = unit_float(batch["image"])
     else:
         out["mu"] = torch.from_numpy(batch["mu"])
         out["log_sigma"] = torch.from_numpy(batch["log_sigma"])
-    return out
-
-
-def sample_tensors(sample: shardformat.Sample) -> dict[str, torch.Tensor]:
-    """One decoded sample as the loader's tensors: "image" float32 [C,H,W] in [0,1], or "mu" and
-    "log_sigma" float32 [κ]."""
-    if "image" in sample:
-        return {"image": _unit_float(sample["image"])}
-    return {"mu": torch.from_numpy(sample["mu"]), "log_sigma": torch.from_numpy(sample["log_sigma"])}
-
-
-def collate(items: list[tuple[str, dict[str, torch.Tensor]]]) -> dict:
-    """A batch dict, as the loader yields, from (key, sample) pairs as `iter_split_shards` yields."""
-    out: dict = {"key": [k for k, _ in items]}
-    for name in items[0][1]:
-        out[name] = torch.stack([s[name] for _, s in items])
     return out
 
 
@@ -369,9 +287,7 @@ class _RankStreams(IterableDataset):
         except (DataError, StorageError) as e:
             if info is None:
                 raise
-            # hand the one-line message to the main process as data: raised there by the loader, it
-            # carries no worker traceback and no reference cycle through the DataLoader iterator
-            yield {"_error": str(e), "_error_type": type(e).__name__}
+            yield error_item(e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +375,7 @@ class StreamLoader:
         if self.cfg.workers == 0:
             source = iter(dataset)
         else:
-            source = iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=self.cfg.workers,
+            source = iter(DataLoader(dataset, batch_size=None, collate_fn=as_is, num_workers=self.cfg.workers,
                                      prefetch_factor=self.cfg.prefetch_factor,
                                      multiprocessing_context=self.cfg.start_method,
                                      worker_init_fn=ignore_stop_signals))
@@ -486,12 +402,7 @@ class StreamLoader:
         finally:
             if record is not None:
                 record.close()
-            # Stop the workers now, whether the epoch ended, failed or was abandoned. Left to the
-            # garbage collector (an exception's traceback keeps the iterator in a reference cycle),
-            # torch's shutdown finds its queues already finalised and waits 5 s per worker.
-            shutdown = getattr(source, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            stop_workers(source)  # whether the epoch ended, failed or was abandoned
 
 
     def _recorder(self) -> IO[str] | None:
@@ -503,18 +414,12 @@ class StreamLoader:
         return open(os.path.join(directory, f"rank-{self.rank}.jsonl"), "a")
 
 
-def _as_is(micro_batch: dict) -> dict:
-    """The DataLoader's collate step: none (its default would turn the numpy arrays into tensors)."""
-    return micro_batch
-
-
 def _next_part(source: Iterator[dict], step: int, stream: int) -> dict:
     try:
         part = next(source)
     except StopIteration:
         raise RuntimeError(f"loader: stream {stream} ended before step {step}") from None
-    if "_error" in part:
-        raise (StorageError if part["_error_type"] == "StorageError" else DataError)(part["_error"])
+    raise_if_error(part)
     if (part["_step"], part["_stream"]) != (step, stream):
         raise RuntimeError(f"loader: got step {part['_step']} of stream {part['_stream']}, "
                            f"expected step {step} of stream {stream}")
@@ -527,34 +432,3 @@ def _concat(parts: list[dict]) -> dict:
         if name in parts[0]:
             batch[name] = parts[0][name] if len(parts) == 1 else np.concatenate([p[name] for p in parts])
     return _to_torch(batch)
-
-
-# ---------------------------------------------------------------------------------------------
-# Unshuffled access for encoding and evaluation
-
-
-def _decoded(url: str, shard: dict, kind: str, shape: list[int]
-             ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    for key, files in shardformat.iter_tar(url, sha256=shard["sha256"], count=shard["count"]):
-        yield key, sample_tensors(shardformat.decode_sample(url, key, files, kind, shape))
-
-
-def iter_split_shards(root: str, split: str, rank: int, world: int
-                      ) -> Iterator[tuple[str, Iterator[tuple[str, dict[str, torch.Tensor]]]]]:
-    """The shards of `split` assigned to `rank` (shard i to rank i % world), in manifest order, unshuffled.
-
-    Yields (shard name, iterator of (key, sample)); a sample is {"image": float32 [C,H,W] in [0,1]}
-    or {"mu", "log_sigma": float32 [κ]}, like one row of a loader batch; `collate` batches them.
-    Hash and sample count of each shard are checked against the manifest.
-    """
-    if not 0 <= rank < world:
-        raise ConfigError(f"rank {rank} is outside the world of size {world}")
-    root = shardformat.dataset_root(root)
-    manifest = shardformat.read_manifest(root)
-    if split not in manifest["splits"]:
-        raise DataError(f"{shardformat.manifest_url(root)}: splits.{split}: no such split; "
-                        f"have {sorted(manifest['splits'])}")
-    for i, shard in enumerate(manifest["splits"][split]["shards"]):
-        if i % world == rank:
-            url = shardformat.shard_url(root, shard["name"])
-            yield shard["name"], _decoded(url, shard, manifest["kind"], manifest["shape"])

@@ -35,7 +35,10 @@ MANIFEST_NAME = "manifest.json"
 KINDS = {"image": "uint8", "latent": "float32"}  # kind -> the dtype its samples have
 IMAGE_EXTS = ("png", "jpg", "jpeg", "npy")
 LATENT_EXTS = ("logsigma.npy", "mu.npy")
-_KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
+# A sample key: '/'-separated segments of letters, digits, '_' and '-' (no dots: a member's extension
+# starts at the first dot of its base name). The writer and the reader both hold keys to this rule.
+KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
+EXT_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")  # an extension: dot-separated words
 _SHARD_RE = re.compile(r"^[A-Za-z0-9_\-]+/[A-Za-z0-9_\-]+\.tar$")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -377,7 +380,7 @@ def iter_tar_bytes(shard_url: str, data: bytes) -> Iterator[tuple[str, dict[str,
     key, files = None, {}
     for name, payload in (members if members is not None else _tarfile_members(shard_url, data)):
         mkey, ext = split_member_name(name)
-        if not ext or not mkey or _KEY_RE.match(mkey) is None:
+        if not ext or not mkey or KEY_RE.match(mkey) is None:
             raise DataError(f"{shard_url}: sample {mkey!r}: bad member name {name!r}")
         if mkey != key:
             if key is not None:

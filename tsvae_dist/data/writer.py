@@ -9,14 +9,11 @@ complete.
 from __future__ import annotations
 
 import io
-import re
 import tarfile
 from collections.abc import Iterable
 
-from tsvae_dist import shardformat, storage
-
-_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-_EXT_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+from tsvae_dist import storage
+from tsvae_dist.data import shardformat
 
 
 def shard_name(split: str, index: int) -> str:
@@ -25,19 +22,19 @@ def shard_name(split: str, index: int) -> str:
 
 
 def tar_bytes(samples: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:
-    """A deterministic tar of samples (key, {ext: bytes}); keys must be unique and free of dots."""
+    """A deterministic tar of samples (key, {ext: bytes}); keys unique and valid (`shardformat.KEY_RE`)."""
     members: list[tuple[str, str, bytes]] = []
     keys: set[str] = set()
     for key, files in samples:
-        if not _KEY_RE.match(key):
-            raise ValueError(f"tar_bytes: bad sample key {key!r} (letters, digits, '_' and '-' only)")
+        if not shardformat.KEY_RE.match(key):
+            raise ValueError(f"tar_bytes: bad sample key {key!r} ('/'-separated letters, digits, '_' and '-')")
         if key in keys:
             raise ValueError(f"tar_bytes: duplicate sample key {key!r}")
         if not files:
             raise ValueError(f"tar_bytes: sample {key!r} has no files")
         keys.add(key)
         for ext, data in files.items():
-            if not _EXT_RE.match(ext):
+            if not shardformat.EXT_RE.match(ext):
                 raise ValueError(f"tar_bytes: sample {key!r}: bad extension {ext!r}")
             members.append((key, ext, bytes(data)))
     members.sort(key=lambda m: (m[0], m[1]))

@@ -40,7 +40,7 @@ from typing import IO, TypeVar
 import fsspec
 import fsspec.asyn
 
-from tsvae_dist import s3_direct
+from tsvae_dist.storage import s3_direct
 
 log = logging.getLogger(__name__)
 

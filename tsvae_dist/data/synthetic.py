@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from shards.writer import ShardWriter, finish_dataset
-from tsvae_dist import shardformat, storage
+from tsvae_dist import storage
+from tsvae_dist.data import shardformat
+from tsvae_dist.data.writer import ShardWriter, finish_dataset
 from tsvae_dist.errors import DataError
 
 INTRINSIC_DIM = 4

@@ -1,0 +1,77 @@
+"""Whole image shards, decoded ahead in worker processes, in a fixed order: the reader of the encode and
+evaluate stages (which go through shards unshuffled, one shard per unit of work)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from tsvae_dist.data import shardformat
+from tsvae_dist.data.workers import as_is, error_item, raise_if_error, stop_workers
+from tsvae_dist.errors import DataError
+
+
+def decode_image_shard(root: str, entry: dict[str, Any], shape: list[int]) -> tuple[list[str], np.ndarray]:
+    """Keys and uint8 [N, C, H, W] images of one image shard, in file order (hash and count checked)."""
+    url = shardformat.shard_url(root, entry["name"])
+    keys, images = [], []
+    for key, files in shardformat.iter_tar(url, sha256=entry["sha256"], count=entry["count"]):
+        keys.append(key)
+        images.append(shardformat.decode_sample(url, key, files, "image", shape)["image"])
+    return keys, np.stack(images) if images else np.zeros((0, *shape), np.uint8)
+
+
+class _ShardReader(IterableDataset):
+    """Decoded shards in the given order; worker w of W decodes shards w, w+W, ... (the DataLoader
+    hands them back round-robin, i.e. in the original order)."""
+
+    def __init__(self, root: str, entries: list[dict[str, Any]], shape: list[int]):
+        self.root, self.entries, self.shape = root, entries, shape
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        mine = self.entries if info is None else self.entries[info.id::info.num_workers]
+        for entry in mine:
+            try:
+                keys, images = decode_image_shard(self.root, entry, self.shape)
+            except DataError as e:
+                if info is None:
+                    raise
+                yield error_item(e)
+                return
+            # From a worker, a tensor: it crosses to the main process through shared memory, not the pipe.
+            yield {"name": entry["name"], "keys": keys, "images": images if info is None else torch.from_numpy(images)}
+
+
+class ShardPrefetcher:
+    """(name, keys, uint8 [N, C, H, W] images) of each shard in `entries`, in order, decoded ahead by
+    `workers` processes (0: in this one, on demand). A context manager: leaving it stops the workers,
+    however the block ends."""
+
+    def __init__(self, root: str, entries: list[dict[str, Any]], shape: list[int], workers: int):
+        reader = _ShardReader(root, entries, shape)
+        if workers == 0 or not entries:
+            self._items: Iterator = iter(reader)
+        else:
+            self._items = iter(DataLoader(reader, batch_size=None, collate_fn=as_is,
+                                          num_workers=min(workers, len(entries)), prefetch_factor=2,
+                                          multiprocessing_context="fork"))
+
+    def __iter__(self) -> ShardPrefetcher:
+        return self
+
+    def __next__(self) -> tuple[str, list[str], np.ndarray]:
+        item = next(self._items)
+        raise_if_error(item)
+        images = item["images"]
+        return item["name"], item["keys"], images.numpy() if isinstance(images, torch.Tensor) else images
+
+    def __enter__(self) -> ShardPrefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop_workers(self._items)

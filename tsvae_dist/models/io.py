@@ -1,0 +1,42 @@
+"""A trained stage's model artifact: its weights (plain BatchNorm keys) and the config that made them.
+
+Written once by the training stage that made it, read by encode, evaluate and generate; the path is
+`RunLayout.model(stage)`.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+
+from tsvae_dist import storage
+from tsvae_dist.errors import CheckpointError
+from tsvae_dist.models.build import build_stage1, build_stage2
+from tsvae_dist.models.config import ModelConfig
+
+
+def save_model(url: str, model: torch.nn.Module, config: dict[str, Any], stage: str, samples_seen: int) -> None:
+    """Commit the weights of a trained `stage` model, with the run's resolved config, atomically."""
+    body = {"model": model.state_dict(), "config": config, "stage": stage, "samples_seen": samples_seen}
+    storage.write_bytes_atomic(url, storage.torch_save_bytes(body))
+
+
+def load_model(url: str, stage: str, model_cfg: ModelConfig, channels: int, resolution: int,
+               artifact: bytes | None = None) -> torch.nn.Module:
+    """A trained stage model from its artifact at `url` (`artifact`: its bytes, if already read), in eval
+    mode on the CPU.
+
+    The modules are built on the meta device and take every tensor from the artifact: no time is
+    spent on a random initialisation that would be overwritten (seconds for the large networks).
+    """
+    data = artifact if artifact is not None else storage.read_bytes(url)
+    body = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    with torch.device("meta"):
+        model = build_stage1(model_cfg, channels, resolution) if stage == "stage1" else build_stage2(model_cfg)
+    model.load_state_dict(body["model"], assign=True)
+    empty = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if empty:
+        raise CheckpointError(f"{url}: no values for {empty[:3]} (not in the state dict)")
+    return model.eval()

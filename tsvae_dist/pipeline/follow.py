@@ -1,0 +1,229 @@
+"""Following the run's Slurm jobs to the end; `action=status` and `action=cancel`.
+
+`follow` polls Slurm accounting (sacct) until the report exists or a stage fails, printing state
+changes and progress read from the stages' artifacts; a failure is one line naming the stage, its
+job and the exception that ended it (a cause beats another rank's lost peer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+from tsvae_dist import storage
+from tsvae_dist.config import RunConfig
+from tsvae_dist.data.shardformat import read_manifest
+from tsvae_dist.layout import STAGES, TRAINING_STAGES, checkpoint_samples
+from tsvae_dist.pipeline.slurm import ACTIVE_STATES, JobRecord, SlurmError, accounting, command, latest_jobs
+
+# Lines of a task's error log that report a lost peer, not the cause: another rank's failure.
+_PEER_LOSS = ("DistBackendError", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+ACCOUNTING_PATIENCE_S = 300  # how long `follow` keeps retrying while Slurm accounting does not answer
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]: ?")
+
+
+class StageFailed(RuntimeError):
+    """A stage's job ended without finishing the stage (failed, cancelled, timed out)."""
+
+
+def _train_total(cfg: RunConfig, stage: str) -> int | None:
+    """Samples a training stage consumes in total (epochs x whole global batches per epoch)."""
+    try:
+        count = read_manifest(cfg.dataset_root)["splits"]["train"]["count"]
+    except Exception:  # status must work whatever state the dataset is in
+        return None
+    train = getattr(cfg, stage)
+    return train.epochs * (count // train.batch_size) * train.batch_size
+
+
+def stage_progress(cfg: RunConfig, stage: str) -> tuple[str, str]:
+    """(progress, last checkpoint) of a stage, read from its artifacts: samples, shards or the report."""
+    layout = cfg.layout
+    done = layout.is_done(stage)
+    if stage in TRAINING_STAGES:
+        total = _train_total(cfg, stage)
+        ckpts = sorted((samples, n) for n in storage.listdir(layout.checkpoints(stage))
+                       if (samples := checkpoint_samples(n)) is not None)
+        seen = ckpts[-1][0] if ckpts else 0
+        metrics = layout.metrics(stage)
+        if storage.exists(metrics):
+            lines = storage.read_text(metrics).strip().splitlines()
+            if lines:
+                seen = max(seen, int(json.loads(lines[-1]).get("samples", 0)))
+        if done and total is not None:
+            seen = total
+        last = storage.join(layout.checkpoints(stage), ckpts[-1][1]) if ckpts else "-"
+        return f"{seen}/{total if total is not None else '?'} samples", last
+    if stage == "encode":
+        try:
+            splits = read_manifest(cfg.dataset_root)["splits"]
+            total = sum(len(splits[s]["shards"]) for s in ("train", "test"))
+        except Exception:
+            total = None
+        latents = layout.latents
+        finished = sum(n.endswith(".done") for s in ("train", "test")
+                       for n in storage.listdir(storage.join(latents, s)))
+        return f"{finished}/{total if total is not None else '?'} shards", "-"
+    return ("report written" if done else "-"), "-"
+
+
+def _exception_line(text: str) -> str | None:
+    """The final exception line of the last Python traceback in a log, if any."""
+    # torch.distributed prefixes the lines of an uncaught exception with "[rankN]: ".
+    lines = [_RANK_PREFIX.sub("", ln, count=1) for ln in text.splitlines()]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")]
+    if not starts:
+        return None
+    for ln in lines[starts[-1] + 1:]:
+        if ln and not ln[0].isspace() and not ln.startswith("srun:"):
+            return ln.strip()
+    return None
+
+
+def log_error(folder: str, job_id: str) -> str | None:
+    """The exception that ended a job, from its tasks' error logs; a cause beats another rank's lost peer."""
+    found = []
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.startswith(f"{job_id}_") and name.endswith("_log.err"):
+                with open(os.path.join(folder, name), errors="replace") as f:
+                    line = _exception_line(f.read())
+                if line:
+                    found.append(line)
+    causes = [ln for ln in found if not any(p in ln for p in _PEER_LOSS)]
+    return (causes or found or [None])[0]
+
+
+def failure_reason(rec: JobRecord, folder: str, previous: tuple[str, JobRecord] | None) -> str:
+    """Why a job ended without success, in one line."""
+    error = log_error(folder, rec.job_id)
+    if rec.state == "CANCELLED" and previous is not None and previous[1].state not in ("COMPLETED",):
+        stage, prev = previous
+        return f"dependency never satisfied: {stage} (job {prev.job_id}) ended {prev.state}"
+    if rec.state == "CANCELLED":
+        return "cancelled (scancel, action=cancel, or an administrator)"
+    if rec.state == "TIMEOUT":
+        return f"reached its time limit without requeueing itself{': ' + error if error else ''}"
+    detail = error or (f"reason {rec.reason}" if rec.reason not in ("", "None") else "no error in the logs")
+    return f"{rec.state} (exit {rec.exit_code}): {detail}"
+
+
+def stage_rows(cfg: RunConfig) -> list[dict[str, str]]:
+    """One row per stage: job, state, attempts, progress, last checkpoint and, on failure, the reason."""
+    jobs = latest_jobs(cfg.layout)
+    acct = accounting([j for j, _ in jobs.values()])
+    rows, previous = [], None
+    for stage in STAGES:
+        progress, ckpt = stage_progress(cfg, stage)
+        row = {"stage": stage, "job": "-", "state": "not submitted", "attempts": "-", "progress": progress,
+               "checkpoint": ckpt, "reason": ""}
+        if stage in jobs:
+            job_id, folder = jobs[stage]
+            rec = acct.get(job_id, JobRecord(job_id, "UNKNOWN", "", "not in Slurm's queue or accounting", "", "",
+                                             0))
+            row.update(job=job_id, state=rec.state, attempts=str(rec.attempts))
+            if rec.state not in ACTIVE_STATES and rec.state != "COMPLETED":
+                row["reason"] = failure_reason(rec, folder, previous)
+            elif rec.state == "PENDING" and rec.reason not in ("", "None"):
+                row["reason"] = f"pending: {rec.reason}"
+            previous = (stage, rec)
+        elif cfg.layout.is_done(stage):
+            row["state"] = "done"
+        rows.append(row)
+    return rows
+
+
+def format_status(cfg: RunConfig, rows: list[dict[str, str]]) -> str:
+    cols = ("stage", "job", "state", "attempts", "progress", "checkpoint")
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    lines = [f"run_dir: {cfg.run_dir}", "  ".join(c.ljust(widths[c]) for c in cols).rstrip()]
+    for r in rows:
+        lines.append("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
+        if r["reason"]:
+            lines.append(f"  {r['stage']}: {r['reason']}")
+    return "\n".join(lines)
+
+
+def follow(cfg: RunConfig, jobs: dict[str, str], folder: str) -> None:
+    """Poll accounting until every job completed (return) or one failed and its dependents ended (raise)."""
+    order = [s for s in STAGES if s in jobs]
+    seen: dict[str, tuple[str, int]] = {}
+    shown_progress: dict[str, str] = {}
+    failed_at: float | None = None
+    last_progress = 0.0
+    acct_down_since: float | None = None
+    started = time.monotonic()
+    while True:
+        try:
+            acct = accounting(list(jobs.values()))
+            acct_down_since = None
+        except SlurmError as e:  # slurmdbd restarting: the jobs run on; give it a few minutes
+            acct_down_since = acct_down_since or time.monotonic()
+            if time.monotonic() - acct_down_since > ACCOUNTING_PATIENCE_S:
+                raise
+            print(f"warning: {e}; retrying", flush=True)
+            time.sleep(max(cfg.cluster.poll_s, 5.0))
+            continue
+        # Not yet visible anywhere just after submission; still invisible a minute later means lost.
+        lost = "SUBMITTED" if time.monotonic() - started < 60 else "UNKNOWN"
+        recs = {s: acct.get(jobs[s], JobRecord(jobs[s], lost, "", "", "", "", 0)) for s in order}
+        for s, rec in recs.items():
+            if seen.get(s) != (rec.state, rec.attempts):
+                again = f" (attempt {rec.attempts})" if rec.attempts > 1 else ""
+                print(f"{s}: job {rec.job_id} {rec.state}{again}", flush=True)
+                seen[s] = (rec.state, rec.attempts)
+        now = time.monotonic()
+        if now - last_progress >= max(10.0, cfg.cluster.poll_s):
+            last_progress = now
+            for s, rec in recs.items():
+                if rec.state == "RUNNING":
+                    progress, ckpt = stage_progress(cfg, s)
+                    if shown_progress.get(s) != progress:
+                        shown_progress[s] = progress
+                        tail = f", last checkpoint {ckpt}" if ckpt != "-" else ""
+                        print(f"{s}: {progress}{tail}", flush=True)
+        states = [rec.state for rec in recs.values()]
+        if all(st == "COMPLETED" for st in states):
+            break
+        bad = [s for s in order if recs[s].state not in ACTIVE_STATES and recs[s].state != "COMPLETED"]
+        if bad:
+            failed_at = failed_at or now
+            settled = all(recs[s].state not in ACTIVE_STATES for s in order[order.index(bad[0]):])
+            if settled or now - failed_at > 60:  # dependents should end at once (kill-on-invalid-dep)
+                print(format_status(cfg, stage_rows(cfg)), flush=True)
+                first = recs[bad[0]]
+                previous = (order[order.index(bad[0]) - 1], recs[order[order.index(bad[0]) - 1]]) \
+                    if order.index(bad[0]) > 0 else None
+                raise StageFailed(f"{bad[0]}: Slurm job {first.job_id} {first.state}: "
+                                  f"{failure_reason(first, folder, previous)}")
+        time.sleep(cfg.cluster.poll_s)
+    missing = [s for s in order if not cfg.layout.is_done(s)]
+    if missing:
+        url = cfg.layout.record(missing[0])
+        raise StageFailed(f"{missing[0]}: its job completed but {url} is missing")
+
+
+def cancel(cfg: RunConfig) -> list[str]:
+    """Cancel this run's jobs that are still queued or running; returns their ids."""
+    jobs = latest_jobs(cfg.layout)
+    acct = accounting([j for j, _ in jobs.values()])
+    active = [(s, j) for s, (j, _) in jobs.items() if acct.get(j) is None or acct[j].state in ACTIVE_STATES]
+    if active:
+        command(["scancel", *[j for _, j in active]])
+    for s, j in active:
+        print(f"{s}: cancelled Slurm job {j}")
+    if not active:
+        print("nothing of this run is queued or running")
+    return [j for _, j in active]
+
+
+def slurm_status(cfg: RunConfig) -> None:
+    """action=status: print each stage's job, state, progress and failure reason; action=cancel: cancel."""
+    if cfg.action == "cancel":
+        cancel(cfg)
+    if not latest_jobs(cfg.layout):
+        print(f"run_dir: {cfg.run_dir}: no Slurm jobs submitted yet")
+    print(format_status(cfg, stage_rows(cfg)))
+    print(f"report: {cfg.layout.report}")

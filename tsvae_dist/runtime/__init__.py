@@ -1,0 +1,1 @@
+"""What every process of a job needs: the distributed environment, stop signals, keyed noise, logging."""
