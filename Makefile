@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast cluster-deps cluster-up cluster-down lint bench
+.PHONY: setup run test test-fast test-unit imports cluster-deps cluster-up cluster-down lint bench
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -35,6 +35,12 @@ test: setup cluster-deps
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slurm and not s3" $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest -q -m unit $(PYTEST_ARGS)
+
+imports: setup
+	$(PY) -m tsvae_dist.tools.imports
 
 cluster-up: setup cluster-deps
 	bash launch/dev_cluster.sh up

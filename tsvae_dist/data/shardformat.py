@@ -21,6 +21,7 @@ import json
 import posixpath
 import re
 import tarfile
+import tokenize
 from collections.abc import Iterator
 from typing import Any
 
@@ -198,7 +199,8 @@ def _npy_header(data: bytes) -> tuple[int, tuple[np.dtype, tuple[int, ...], bool
     The header is parsed by numpy (a safe literal parser, ~0.1 ms) once per distinct header and then
     cached: a shard's samples share one or two headers, and parsing them all dominated decoding.
     """
-    if data[:6] != _NPY_MAGIC or len(data) < 12 or data[6] not in (1, 2):
+    # (1, 0) and (2, 0) only: numpy refuses other minor versions, so they go to np.load to be refused
+    if data[:6] != _NPY_MAGIC or len(data) < 12 or data[6] not in (1, 2) or data[7] != 0:
         return None
     start = 10 if data[6] == 1 else 12
     end = start + int.from_bytes(data[8:start], "little")
@@ -219,7 +221,11 @@ def _load_npy(data: bytes, where: str) -> np.ndarray:
     try:
         found = _npy_header(data)
         if found is None:  # other versions: numpy's reader
-            return np.load(io.BytesIO(data), allow_pickle=False)
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+            if not isinstance(arr, np.ndarray):  # np.load opens a zip (an .npz) as an NpzFile
+                arr.close()
+                raise ValueError(f"not a .npy array (numpy reads a {type(arr).__name__})")
+            return arr
         offset, (dtype, shape, fortran) = found
         if dtype.hasobject:
             raise ValueError("object arrays cannot be loaded when allow_pickle=False")
@@ -228,7 +234,9 @@ def _load_npy(data: bytes, where: str) -> np.ndarray:
             raise ValueError(f"{len(data) - offset} data bytes for shape {shape} of {dtype}")
         arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
         return arr.reshape(shape, order="F" if fortran else "C").copy()  # writable, like np.load's
-    except (ValueError, OSError, EOFError, SyntaxError) as e:
+    # numpy's header parser raises TokenError for unbalanced brackets or quotes; a dimension >= 2**63
+    # overflows np.prod (and numpy's own reader)
+    except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError, OverflowError) as e:
         raise DataError(f"{where}: unreadable .npy ({e})") from e
 
 
@@ -306,6 +314,14 @@ def _field(raw: bytes) -> bytes:
     return raw.split(b"\0", 1)[0]
 
 
+def _octal(raw: bytes) -> int:
+    return int(_field(raw).strip() or b"0", 8)
+
+
+# mode, uid, gid, mtime, devmajor, devminor: unused here, but tarfile refuses a header where one is not octal
+_UNUSED_NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
+
+
 def _plain_ustar_members(data: bytes) -> list[tuple[str, bytes]] | None:
     """(name, payload) of every regular file of a plain ustar archive, or None when anything is unusual.
 
@@ -315,6 +331,8 @@ def _plain_ustar_members(data: bytes) -> list[tuple[str, bytes]] | None:
     None and tarfile parses the archive, with its checks and error messages.
     """
     out, pos, n = [], 0, len(data)
+    if n < 512:  # tarfile refuses an archive without a single header block ("empty file")
+        return None
     while pos + 512 <= n:
         block = data[pos:pos + 512]
         if block == _ZERO_BLOCK:
@@ -323,8 +341,10 @@ def _plain_ustar_members(data: bytes) -> list[tuple[str, bytes]] | None:
         if magic not in (b"ustar\x00", b"ustar "):
             return None
         try:
-            checksum = int(_field(block[148:156]).strip() or b"0", 8)
-            size = int(_field(block[124:136]).strip() or b"0", 8)
+            checksum = _octal(block[148:156])
+            size = _octal(block[124:136])
+            for lo, hi in _UNUSED_NUMBER_FIELDS:
+                _octal(block[lo:hi])
             name = _field(block[0:100])
             prefix = _field(block[345:500]) if magic == b"ustar\x00" else b""
             name_str = (prefix + b"/" + name if prefix else name).decode("utf-8")
@@ -333,12 +353,17 @@ def _plain_ustar_members(data: bytes) -> list[tuple[str, bytes]] | None:
         if checksum != sum(block) - sum(block[148:156]) + 8 * 32:  # the field itself counts as 8 spaces
             return None
         start = pos + 512
-        if start + size > n:
+        if size < 0 or start + size > n:
             return None
         kind = block[156:157]
-        if kind in (b"0", b"\0"):
+        # tarfile reads an old-style ('\0') member named 'x/' as a directory; a directory has no data
+        # blocks whatever its size field says (tarfile skips none), so one claiming a size is declined
+        if kind == b"5" or (kind == b"\0" and name.endswith(b"/")):
+            if size != 0:
+                return None
+        elif kind in (b"0", b"\0"):
             out.append((name_str, data[start:start + size]))
-        elif kind != b"5":
+        else:
             return None
         pos = start + (size + 511) // 512 * 512
     return out if pos == n else None

@@ -34,8 +34,25 @@ class DistInfo:
 
 
 def _env_int(name: str) -> int | None:
+    """The integer in variable `name`, None if unset or empty; ConfigError naming it if not an integer."""
     value = os.environ.get(name)
-    return int(value) if value not in (None, "") else None
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment: {name}={value!r} is not an integer") from None
+
+
+def _check_ranks(rank: int, world: int, local: int, names: tuple[str, str, str]) -> None:
+    """0 <= rank < world, world >= 1 and local >= 0, else a ConfigError naming the variables (`names`)."""
+    rank_name, world_name, local_name = names
+    if world < 1:
+        raise ConfigError(f"environment: {world_name}={world}; expected at least 1")
+    if not 0 <= rank < world:
+        raise ConfigError(f"environment: {rank_name}={rank} outside [0, {world_name}={world})")
+    if local < 0:
+        raise ConfigError(f"environment: {local_name}={local}; expected at least 0")
 
 
 def _slurm_master_addr() -> str:
@@ -52,18 +69,32 @@ def _read_environment() -> tuple[int, int, int]:
     if rank is not None or world is not None:
         if rank is None or world is None:
             raise ConfigError("environment: RANK and WORLD_SIZE must be set together (torchrun-style launch)")
+        local = local if local is not None else 0
+        _check_ranks(rank, world, local, ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
         if world > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
             raise ConfigError("environment: WORLD_SIZE > 1 needs MASTER_ADDR and MASTER_PORT")
-        return rank, world, local if local is not None else 0
-    if _env_int("SLURM_PROCID") is not None and _env_int("SLURM_NTASKS") is not None:
+        return rank, world, local
+    rank = _env_int("SLURM_PROCID")
+    if rank is not None:  # SLURM_NTASKS alone (a batch script outside srun) is no task: a plain process
         # srun without submitit: derive the rendezvous from Slurm's variables, the same on every task.
-        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+        world = _env_int("SLURM_NTASKS")
+        if world is None and rank == 0:  # a batch script without --ntasks: Slurm sets PROCID=0 alone
+            return 0, 1, 0
+        if world is None:
+            raise ConfigError("environment: SLURM_PROCID is set without SLURM_NTASKS (half-set Slurm task)")
+        local = _env_int("SLURM_LOCALID") or 0
+        _check_ranks(rank, world, local, ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
         if world > 1:
-            os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
-            os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
-        # Exported for data loader workers and webdataset, which read them before torch.distributed.
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
-        return rank, world, _env_int("SLURM_LOCALID") or 0
+            # Not setdefault: its default would run scontrol (maybe absent) even with MASTER_ADDR given.
+            if not os.environ.get("MASTER_ADDR"):
+                os.environ["MASTER_ADDR"] = _slurm_master_addr()
+            if not os.environ.get("MASTER_PORT"):
+                os.environ["MASTER_PORT"] = str(20000 + (_env_int("SLURM_JOB_ID") or 0) % 20000)
+        # Exported for data loader workers and webdataset, which read them before torch.distributed, and
+        # so that reading the environment again (init is idempotent; child processes) takes the torchrun
+        # branch with the same answer: LOCAL_RANK too, or it would read as 0.
+        os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = str(rank), str(world), str(local)
+        return rank, world, local
     return 0, 1, 0
 
 

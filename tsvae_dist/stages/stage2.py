@@ -11,14 +11,14 @@ from typing import Any
 import torch
 
 from tsvae_dist import records
-from tsvae_dist.config import RunConfig, to_container
+from tsvae_dist.config import RunConfig
 from tsvae_dist.data.loader import StreamLoader
 from tsvae_dist.data.shardformat import manifest_url, read_manifest
 from tsvae_dist.errors import CheckpointError
 from tsvae_dist.models.build import build_stage2
-from tsvae_dist.models.io import save_model
 from tsvae_dist.runtime import dist
 from tsvae_dist.runtime.noise import keyed_normal
+from tsvae_dist.stages._common import commit_trained
 from tsvae_dist.train.checkpoint import resume_config
 from tsvae_dist.train.loop import TrainJob, train
 
@@ -61,14 +61,5 @@ def run(cfg: RunConfig) -> str:
                    resume_config=resume_config(cfg, STAGE, loader.streams))
     result = train(job, cfg.stage2, info)
 
-    url = layout.model(STAGE)
-    if info.is_main:
-        save_model(url, result.model, to_container(cfg), STAGE, result.samples_seen)
-        records.write(
-            cfg, STAGE,
-            consumed={"latents": records.artifact(manifest_url(layout.latents)), "encoder": latents["encoder"]},
-            produced={"model": records.artifact(url)},
-            extra={"metrics": result.last_metrics, "samples_seen": result.samples_seen},
-        )
-    dist.barrier()
-    return url
+    consumed = {"latents": records.artifact(manifest_url(layout.latents)), "encoder": latents["encoder"]}
+    return commit_trained(cfg, STAGE, result, info, consumed)

@@ -5,8 +5,36 @@ uninterrupted one's."""
 from __future__ import annotations
 
 import json
+import logging
 
 from tsvae_dist import storage
+from tsvae_dist.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+def _kept_lines(url: str, text: str, resume_step: int) -> list[str]:
+    """The non-blank lines of `text` (metrics.jsonl at `url`) with step <= resume_step.
+
+    An unparsable last line is dropped with a warning: a kill mid-append (or a crash losing the end of
+    an unsynced file) tears the line being written, which lies past the checkpoint anyway. One in the
+    middle is not a torn write: a CheckpointError naming the file and line.
+    """
+    numbered = [(i, ln) for i, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
+    kept = []
+    for i, ln in numbered:
+        try:
+            step = json.loads(ln)["step"]
+        except json.JSONDecodeError as e:
+            if i == numbered[-1][0]:
+                log.warning("%s: dropping line %d, unparsable (%s): torn by an interrupted write", url, i, e)
+                continue
+            raise CheckpointError(f"{url}: line {i} is not valid JSON ({e})") from e
+        except (KeyError, TypeError) as e:  # valid JSON, but no object with a "step": never written by us
+            raise CheckpointError(f"{url}: line {i} has no \"step\"") from e
+        if step <= resume_step:
+            kept.append(ln)
+    return kept
 
 
 class MetricsLog:
@@ -20,8 +48,7 @@ class MetricsLog:
         if not enabled:
             return
         if storage.exists(self.url):  # drop lines past the checkpoint we resume from: they get redone
-            old = storage.read_text(self.url).splitlines()
-            self.lines = [ln for ln in old if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            self.lines = _kept_lines(self.url, storage.read_text(self.url), resume_step)
             storage.write_text_atomic(self.url, "".join(ln + "\n" for ln in self.lines))
         if "://" not in tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter

@@ -11,7 +11,7 @@ import pytest
 
 from tsvae_dist.tools.imports import FLOORS, check, collect, main
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # A clean fake tree: every import goes to its own unit or a lower floor, stages share code only via _common,
 # and shards imports tsvae_dist (allowed), never the reverse.
@@ -192,10 +192,11 @@ def test_forbid_torch_ignores_function_local_and_type_checking_imports(tmp_path)
 
 
 def test_real_repository_has_no_violations():
-    violations = check(Path(__file__).resolve().parents[1])
+    violations = check(Path(__file__).resolve().parents[2])
     assert violations == [], "\n".join(map(str, violations))
 
 
+@pytest.mark.integration  # starts processes
 def test_the_launcher_loads_neither_torch_nor_the_fid_network(tmp_path):
     """`launch/submit.py action=dry_run`, run as the user runs it, imports no torch and no Inception network."""
     probe = ("import atexit, runpy, sys\n"

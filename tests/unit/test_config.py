@@ -13,7 +13,7 @@ from tsvae_dist.cli import CONF_DIR, compose
 from tsvae_dist.config import RunConfig, stage_cluster, validate
 from tsvae_dist.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -75,6 +75,7 @@ def test_stage_overrides_apply_per_stage() -> None:
         validate(cfg)
 
 
+@pytest.mark.integration  # starts processes
 def test_submit_refuses_bad_config_before_anything_runs(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.run(
@@ -87,6 +88,7 @@ def test_submit_refuses_bad_config_before_anything_runs(tmp_path: Path) -> None:
     assert not run_dir.exists()
 
 
+@pytest.mark.integration  # starts processes
 def test_dry_run_shows_the_plan(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "launch/submit.py", f"run_dir={tmp_path / 'run'}", "action=dry_run"],
@@ -99,6 +101,7 @@ def test_dry_run_shows_the_plan(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration  # starts processes
 def test_cfg_job_prints_the_composed_config() -> None:
     proc = subprocess.run([sys.executable, "launch/submit.py", "--cfg", "job", "dataset=celeba64"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)

@@ -116,6 +116,7 @@ def _reassemble(ranks: list[dict], key: str, steps: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.integration  # starts processes
 def test_two_ranks_equal_one_process_with_the_whole_batch(two_rank_results, kind: str):
     bn, xs, grads, x_eval = _setup(kind)
     ref = _run(bn, xs, grads, x_eval, slice(None))
@@ -128,6 +129,7 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(two_rank_results, kind
             torch.testing.assert_close(res[key], ref[key], rtol=1e-4, atol=1e-4, msg=f"{kind} {key} rank {r}")
 
 
+@pytest.mark.integration  # starts processes
 def test_ddp_stage1_with_synced_bn_equals_one_process(two_rank_results):
     model, x, eps = _stage1_setup()
     ref = _stage1_grads(model, x, eps)

@@ -97,6 +97,7 @@ def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str, splits:
 
 
 @pytest.mark.parametrize("splits", [[37], [30, 7], [0, 25, 12]], ids=["world1", "world2", "world3"])
+@pytest.mark.integration  # starts processes
 def test_sharded_stats_equal_numpy_cov_of_all_features(tmp_path, splits):
     world = len(splits)
     mp.spawn(_sharded_worker, args=(world, str(tmp_path / "init"), str(tmp_path), splits), nprocs=world)

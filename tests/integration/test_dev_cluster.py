@@ -18,7 +18,7 @@ import pytest
 
 from tests.cluster import s3_storage_options, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None, timeout: float = 60) -> str:
