@@ -110,7 +110,7 @@ def test_endpoint_and_bounds_come_from_the_environment(s3, monkeypatch):
 
 
 def test_direct_gets_are_signed_as_the_server_expects(s3, monkeypatch):
-    """The plain-HTTP GET path (tsvae_dist/s3_direct.py) against radosgw: awkward keys, the same
+    """The plain-HTTP GET path (tsvae_dist/storage/s3_direct.py) against radosgw: awkward keys, the same
     bytes as s3fs, a wrong key refused at once."""
     data = os.urandom(3 << 20)
     urls = [f"{s3}/direct/{name}" for name in ("plain.bin", "a b+c=d~e(1).bin", "ü/ß é.tar")]

@@ -1,4 +1,4 @@
-"""The direct S3 GET path (tsvae_dist/s3_direct.py) against a scripted HTTP server on loopback.
+"""The direct S3 GET path (tsvae_dist/storage/s3_direct.py) against a scripted HTTP server on loopback.
 
 Each case answers one request in a chosen way (split headers, errors, silence, a dropped body,
 chunked encoding) and checks what `s3_direct` and `storage.read_bytes` make of it. Signatures are
