@@ -114,7 +114,8 @@ def main() -> None:
     cfg = compose([f"run_dir={run_dir}", f"dataset.root={args.data_root}", "stage1.progress_bar=false",
                    "stage2.progress_bar=false", "eval.fid=off", "eval.workers=0", *args.overrides])
     times = {}
-    for name, mod in (("stage1", stage1), ("encode", encode), ("stage2", stage2), ("evaluate", evaluate)):
+    stages = (("stage1", stage1), ("encode", encode), ("stage2", stage2), ("evaluate", evaluate))
+    for name, mod in stages[2:] if args.reuse_stage1 else stages:  # reused stage 1 and latents are done
         start = time.perf_counter()
         mod.run(cfg)
         times[name] = round(time.perf_counter() - start, 1)
