@@ -147,3 +147,22 @@ def test_tiny_pipeline_trains_in_each_gamma_mode(tmp_path: Path, mode: str):
         body = _state(run / "stage2" / "model.pt")["model"]
         ema = body["gamma_ema"]
         assert body["log_gamma"].item() == pytest.approx(0.5 * math.log(ema[0].item() / ema[1].item()), rel=1e-5)
+
+
+def test_optimal_gamma_is_the_global_batch_one_under_ddp(tmp_path: Path):
+    """1 process and 2 gloo processes, same global batch: the same γ* (squared errors summed over ranks)."""
+    import json
+
+    from tests.stagerun import run_stage
+
+    extra = {"stage1.gamma": "optimal", "stage1.epochs": 1, "stage1.log_every_steps": 1, "stage1.sync_bn": "on",
+             "stage1.adam_eps": 1e-3}
+    runs = {n: tmp_path / f"w{n}" for n in (1, 2)}
+    for n, run_dir in runs.items():
+        run_stage("stage1", tiny_overrides(tmp_path / "data", run_dir, **extra), nproc=n)
+    m1, m2 = ([json.loads(ln) for ln in (d / "stage1" / "metrics.jsonl").read_text().splitlines()]
+              for d in runs.values())
+    assert m1[0]["gamma"] == pytest.approx(m2[0]["gamma"], rel=1e-6)  # step 1: the same forward pass
+    assert m1[0]["gamma"] == pytest.approx(math.sqrt(m1[0]["mse"]), rel=1e-5)
+    for a, b in zip(m1[:4], m2[:4], strict=True):
+        assert a["gamma"] == pytest.approx(b["gamma"], rel=1e-4), a["step"]

@@ -53,7 +53,7 @@ def optimal_log_gamma(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tenso
     γ*² = mean over samples and dimensions of (x − x̂)², floored at GAMMA_MIN² (`floored` says whether).
     """
     sq = (x.detach().float() - x_hat.detach().float()).square()
-    sums = torch.stack([sq.sum().double(), torch.tensor(float(sq.numel()), dtype=torch.float64, device=sq.device)])
+    sums = torch.stack([sq.double().sum(), torch.tensor(float(sq.numel()), dtype=torch.float64, device=sq.device)])
     if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.all_reduce(sums)  # every rank calls forward once per step: a safe place for a collective
     mse = sums[0] / sums[1]
@@ -76,4 +76,3 @@ def loss_log_gamma(module: nn.Module, x: torch.Tensor, x_hat: torch.Tensor) -> t
             ema_mse = (module.gamma_ema[0] / module.gamma_ema[1]).clamp_min(GAMMA_MIN**2)
             module.log_gamma.copy_(0.5 * torch.log(ema_mse))
     return log_gamma, {"gamma": torch.exp(log_gamma), "gamma_floored": floored.float()}
-
