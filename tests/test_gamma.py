@@ -156,7 +156,7 @@ def test_optimal_gamma_is_the_global_batch_one_under_ddp(tmp_path: Path):
     from tests.stagerun import run_stage
 
     extra = {"stage1.gamma": "optimal", "stage1.epochs": 1, "stage1.log_every_steps": 1, "stage1.sync_bn": "on",
-             "stage1.adam_eps": 1e-3}
+             "stage1.adam_eps": 1e-3, "stage1.checkpoint_every_steps": 4, "stage1.keep_checkpoints": 4}
     runs = {n: tmp_path / f"w{n}" for n in (1, 2)}
     for n, run_dir in runs.items():
         run_stage("stage1", tiny_overrides(tmp_path / "data", run_dir, **extra), nproc=n)
@@ -164,5 +164,13 @@ def test_optimal_gamma_is_the_global_batch_one_under_ddp(tmp_path: Path):
               for d in runs.values())
     assert m1[0]["gamma"] == pytest.approx(m2[0]["gamma"], rel=1e-6)  # step 1: the same forward pass
     assert m1[0]["gamma"] == pytest.approx(math.sqrt(m1[0]["mse"]), rel=1e-5)
-    for a, b in zip(m1[:4], m2[:4], strict=True):
+    # Later steps differ by rounding only (a 2-way all-reduce sums in another order), amplified more than
+    # with a learned γ ≈ 1 since the reconstruction gradient scales as 1/γ*²: seen up to 2e-5 by step 7.
+    for a, b in zip(m1[:8], m2[:8], strict=True):
         assert a["gamma"] == pytest.approx(b["gamma"], rel=1e-4), a["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+    ckpt = "stage1/checkpoints/ckpt-000000000128.pt"  # after 4 steps
+    p1, p2 = (_state(d / ckpt)["model"] for d in runs.values())
+    assert p1.keys() == p2.keys() and {"log_gamma", "gamma_ema"} <= p1.keys()
+    for k in p1:
+        torch.testing.assert_close(p1[k], p2[k], rtol=1e-5 if "gamma" in k else 0.0, atol=5e-4, msg=k)
