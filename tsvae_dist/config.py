@@ -18,6 +18,7 @@ from tsvae_dist.data.config import DatasetConfig, LoaderConfig
 from tsvae_dist.errors import ConfigError
 from tsvae_dist.layout import STAGES, RunLayout
 from tsvae_dist.models.config import ModelConfig
+from tsvae_dist.models.gamma import GAMMA_MODES
 
 DATASETS = ("synthetic", "mnist", "fashion", "cifar10", "celeba64", "celeba128", "celeba256", "folder")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -35,6 +36,11 @@ class TrainConfig:
     adam_beta2: float = 0.999  # Adam's beta2
     adam_eps: float = 1e-8  # Adam's epsilon
     precision: str = "fp32"  # fp32 | bf16 | fp16 autocast; loss terms with γ are always fp32
+    gamma: str = "learned"  # decoder std γ (γ_x / γ_z): learned (the paper: trained log γ, from 0) | optimal
+    # (σ-VAE's closed form: γ² = the batch's MSE per dimension, no gradient through γ; log_gamma then
+    # holds the bias-corrected EMA of it, for the report and stage-2 sampling; see models/gamma.py)
+    gamma_lr: float = 0.0  # learned γ only: Adam learning rate of log γ, its own param group, on the same
+    # halving schedule (0 = lr). A learned log γ moves about one learning rate per step.
     sync_bn: str = "auto"  # on | off | auto (on when the per-rank batch is below 64 and world > 1)
     checkpoint_every_steps: int = 500  # save a resumable checkpoint every this many optimizer steps
     keep_checkpoints: int = 2  # committed checkpoints kept (>= 2: the previous survives a bad write)
@@ -155,6 +161,10 @@ def validate_train(cfg: TrainConfig, name: str, world: int) -> None:
     _check(cfg.lr > 0, f"{name}.lr: must be positive, got {cfg.lr}")
     _check(cfg.lr_halve_every_epochs > 0, f"{name}.lr_halve_every_epochs: must be positive")
     _check(cfg.precision in PRECISIONS, f"{name}.precision: {cfg.precision!r} is not one of {PRECISIONS}")
+    _check(cfg.gamma in GAMMA_MODES, f"{name}.gamma: {cfg.gamma!r} is not one of {GAMMA_MODES}")
+    _check(cfg.gamma_lr >= 0, f"{name}.gamma_lr: must be >= 0 (0 = lr), got {cfg.gamma_lr}")
+    _check(cfg.gamma_lr == 0 or cfg.gamma == "learned",
+           f"{name}.gamma_lr: {cfg.gamma_lr} is set but {name}.gamma is {cfg.gamma!r}: only a learned γ has a rate")
     _check(cfg.sync_bn in ("on", "off", "auto"), f"{name}.sync_bn: {cfg.sync_bn!r} is not on|off|auto")
     _check(cfg.checkpoint_every_steps > 0, f"{name}.checkpoint_every_steps: must be positive")
     _check(cfg.keep_checkpoints >= 2, f"{name}.keep_checkpoints: must be >= 2 so a bad write loses nothing")
@@ -206,6 +216,8 @@ def validate(cfg: RunConfig) -> None:
     _check(c.poll_s > 0, f"cluster.poll_s: must be positive, got {c.poll_s}")
     validate_train(cfg.stage1, "stage1", cfg.world_size("stage1"))
     validate_train(cfg.stage2, "stage2", cfg.world_size("stage2"))
+    _check(cfg.stage1.gamma == "learned" or cfg.model.decoder == "gaussian",
+           f"stage1.gamma: {cfg.stage1.gamma!r} needs model.decoder=gaussian (cross-entropy has no γ_x)")
 
     e = cfg.eval
     _check(e.fid in ("auto", "required", "off"), f"eval.fid: {e.fid!r} is not auto|required|off")

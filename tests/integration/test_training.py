@@ -40,7 +40,8 @@ def test_one_vs_two_processes_same_losses_and_parameters(tmp_path: Path, data_ro
     over the steps compared.
     """
     extra = {"stage1.log_every_steps": 1, "stage1.sync_bn": "on", "stage1.epochs": 1, "stage1.adam_eps": 1e-3,
-             "stage1.checkpoint_every_steps": 4, "stage1.keep_checkpoints": 4}
+             "stage1.checkpoint_every_steps": 4, "stage1.keep_checkpoints": 4,
+             "stage1.gamma": "learned"}  # the tolerances below are for γ ≈ 1; optimal γ: tests/test_gamma.py
     one, two = tmp_path / "one", tmp_path / "two"
     run_stage("stage1", tiny_overrides(data_root, one, **extra), nproc=1)
     run_stage("stage1", tiny_overrides(data_root, two, **extra), nproc=2)

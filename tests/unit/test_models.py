@@ -192,7 +192,7 @@ def test_stage2_sampling():
     assert z.shape == (7, 6)
     torch.testing.assert_close(z, model.decode(u) + torch.exp(torch.tensor(-1.5)) * eps)
     out = model(torch.randn(7, 6), torch.randn(7, 6))
-    assert set(out) == {"loss", "kl", "nll", "gamma"}
+    assert set(out) == {"loss", "kl", "nll", "mse", "gamma"}
 
 
 def test_default_stage2_is_the_papers():

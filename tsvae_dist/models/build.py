@@ -38,8 +38,10 @@ def _networks(cfg: ModelConfig, channels: int, resolution: int) -> tuple[nn.Modu
     return encoder, ResNetDecoder(channels, resolution, cfg.latent_dim, **common)
 
 
-def build_stage1(cfg: ModelConfig, channels: int, resolution: int) -> Stage1VAE:
-    """The stage-1 VAE of `cfg.family` for images of `channels` × `resolution`²; raises ConfigError."""
+def build_stage1(cfg: ModelConfig, channels: int, resolution: int, gamma: str = "learned") -> Stage1VAE:
+    """The stage-1 VAE of `cfg.family` for images of `channels` × `resolution`²; raises ConfigError.
+
+    `gamma`: how γ_x is set, learned | optimal (the training config's `stage1.gamma`; models/gamma.py)."""
     cfg.validate(channels, resolution)
     encoder, decoder = _networks(cfg, channels, resolution)
     return Stage1VAE(
@@ -49,10 +51,11 @@ def build_stage1(cfg: ModelConfig, channels: int, resolution: int) -> Stage1VAE:
         channels=channels,
         resolution=resolution,
         likelihood=cfg.decoder,
+        gamma=gamma,
     )
 
 
-def build_stage2(cfg: ModelConfig) -> Stage2VAE:
-    """The stage-2 VAE on κ-dimensional latents; raises ConfigError."""
+def build_stage2(cfg: ModelConfig, gamma: str = "learned") -> Stage2VAE:
+    """The stage-2 VAE on κ-dimensional latents (`gamma`: learned | optimal γ_z); raises ConfigError."""
     cfg.validate_stage2()
-    return Stage2VAE(cfg.latent_dim, cfg.stage2_hidden, cfg.stage2_depth)
+    return Stage2VAE(cfg.latent_dim, cfg.stage2_hidden, cfg.stage2_depth, gamma=gamma)

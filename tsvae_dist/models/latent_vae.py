@@ -1,4 +1,4 @@
-"""`Stage2VAE`: a VAE on the stage-1 latents z, with a learned scalar γ_z.
+"""`Stage2VAE`: a VAE on the stage-1 latents z, with a scalar γ_z (learned or optimal: models/gamma.py).
 
 Encoder and decoder are each `depth` dense ReLU layers of `hidden` units; the network's input is
 concatenated to the last hidden layer before the output heads (μ_u, log σ_u; ẑ), as the original.
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gamma import init_gamma, loss_log_gamma
 from .layers import init_glorot
 from .losses import gaussian_nll, kl_standard_normal
 
@@ -54,12 +55,12 @@ class Stage2Decoder(nn.Module):
 
 
 class Stage2VAE(nn.Module):
-    def __init__(self, latent_dim: int, hidden: int = 1024, depth: int = 3):
+    def __init__(self, latent_dim: int, hidden: int = 1024, depth: int = 3, gamma: str = "learned"):
         super().__init__()
         self.latent_dim = latent_dim
         self.encoder = Stage2Encoder(latent_dim, hidden, depth)
         self.decoder = Stage2Decoder(latent_dim, hidden, depth)
-        self.log_gamma = nn.Parameter(torch.zeros(()))  # log γ_z; γ = 1 at the start
+        init_gamma(self, gamma)  # log γ_z; γ = 1 at the start
 
     def encode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z [N, κ] → (μ_u, log σ_u), each [N, κ] float32."""
@@ -75,17 +76,19 @@ class Stage2VAE(nn.Module):
 
     def forward(self, z: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training pass with u = μ_u + σ_u·eps. Returns `loss` (with graph) and detached `kl`,
-        `nll`, `gamma` (γ_z), with the same conventions as Stage1VAE."""
+        `nll`, `mse` (per dimension), `gamma` (γ_z), with the same conventions as Stage1VAE."""
         mu, log_sigma = self.encode(z)
         u = mu + torch.exp(log_sigma) * eps.to(mu.dtype)
         z_hat = self.decode(u)
         # fp32 whatever the autocast: γ_z → 0 too, and the NLL grows as 1/γ_z² (see Stage1VAE).
         with torch.autocast(device_type=z.device.type, enabled=False):
             kl = kl_standard_normal(mu.float(), log_sigma.float())
-            nll = gaussian_nll(z.float(), z_hat.float(), self.log_gamma.float())
+            log_gamma, gamma_metrics = loss_log_gamma(self, z.float(), z_hat.float())
+            nll = gaussian_nll(z.float(), z_hat.float(), log_gamma)
             return {
                 "loss": (kl + nll).mean(),
                 "kl": kl.mean().detach(),
                 "nll": nll.mean().detach(),
-                "gamma": torch.exp(self.log_gamma.detach().float()),
+                "mse": (z_hat.float() - z.float()).square().mean().detach(),
+                **gamma_metrics,
             }

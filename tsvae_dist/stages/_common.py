@@ -26,8 +26,9 @@ def ensure_dataset_once(cfg: RunConfig, info: dist.DistInfo) -> dict[str, Any]:
 
 def load_trained(cfg: RunConfig, stage: str, artifact: bytes | None = None) -> torch.nn.Module:
     """The run's trained `stage` model (stage1 or stage2), in eval mode on the CPU."""
+    # The γ mode decides the state dict's keys (optimal γ keeps its EMA buffer).
     return load_model(cfg.layout.model(stage), stage, cfg.model, cfg.dataset.channels, cfg.dataset.resolution,
-                      artifact)
+                      getattr(cfg, stage).gamma, artifact)
 
 
 def commit_trained(cfg: RunConfig, stage: str, result: TrainResult, info: dist.DistInfo,

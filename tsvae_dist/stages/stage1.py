@@ -1,4 +1,4 @@
-"""Stage 1: train the VAE with a learned γ_x on the image shards.
+"""Stage 1: train the VAE with a learned or optimal γ_x (`stage1.gamma`) on the image shards.
 
 Run alone with `python -m tsvae_dist.stage1 [overrides]` (or under torchrun/srun); the launcher
 calls `run(cfg)` inside each job.
@@ -31,7 +31,7 @@ def run(cfg: RunConfig) -> str:
     layout = cfg.layout
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and for every world size
-    model = build_stage1(cfg.model, cfg.dataset.channels, cfg.dataset.resolution)
+    model = build_stage1(cfg.model, cfg.dataset.channels, cfg.dataset.resolution, gamma=cfg.stage1.gamma)
     loader = StreamLoader(cfg.dataset_root, "train", global_batch=cfg.stage1.batch_size, rank=info.rank,
                           world=info.world_size, cfg=cfg.stage1.loader, seed=cfg.seed)
     latent_dim = cfg.model.latent_dim

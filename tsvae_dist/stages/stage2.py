@@ -46,7 +46,7 @@ def run(cfg: RunConfig) -> str:
     layout = cfg.layout
 
     torch.manual_seed(cfg.seed + 1)
-    model = build_stage2(cfg.model)
+    model = build_stage2(cfg.model, gamma=cfg.stage2.gamma)
     loader = StreamLoader(layout.latents, "train", global_batch=cfg.stage2.batch_size, rank=info.rank,
                           world=info.world_size, cfg=cfg.stage2.loader, seed=cfg.seed)
     latent_dim = cfg.model.latent_dim

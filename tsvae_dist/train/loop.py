@@ -59,6 +59,19 @@ def use_sync_bn(cfg: TrainConfig, world_size: int) -> bool:
     return world_size > 1 and cfg.batch_size // world_size < 64
 
 
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Adam's parameter groups: one, or with `gamma_lr` set a second holding the learned `log_gamma` alone.
+
+    Each group's `lr_scale` multiplies the schedule's learning rate, so log γ's rate halves with the rest.
+    """
+    named = list(model.named_parameters())
+    if cfg.gamma_lr <= 0 or not any(name == "log_gamma" for name, _ in named):
+        return [{"params": [p for _, p in named], "lr_scale": 1.0}]
+    return [{"params": [p for name, p in named if name != "log_gamma"], "lr_scale": 1.0},
+            {"params": [p for name, p in named if name == "log_gamma"], "lr_scale": cfg.gamma_lr / cfg.lr,
+             "name": "log_gamma"}]
+
+
 def learning_rate(cfg: TrainConfig, epoch: int) -> float:
     """The paper's step schedule: halve every `lr_halve_every_epochs` epochs."""
     return cfg.lr * 0.5 ** (epoch // cfg.lr_halve_every_epochs)
@@ -79,7 +92,7 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         step_model = DistributedDataParallel(model, device_ids=device_ids)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
-    optimizer = precision.adam(model.parameters(), cfg.lr, betas, cfg.adam_eps, info.device)
+    optimizer = precision.adam(param_groups(model, cfg), cfg.lr, betas, cfg.adam_eps, info.device)
     scaler = precision.grad_scaler(cfg.precision, info.device)
     store = CheckpointStore(job.layout.checkpoints(job.name), keep=cfg.keep_checkpoints)
 
@@ -140,7 +153,7 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
         epoch = step // steps_per_epoch
         lr = learning_rate(cfg, epoch)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         for batch in loader.epoch(epoch, start_step=step % steps_per_epoch):
             # Agree on stopping before the step, so every rank stops at the same one.
             if dist.any_rank(stop.is_set(), info.device):
