@@ -8,6 +8,8 @@
     python -m shards celeba  --src img_align_celeba/|img_align_celeba.zip --out URL
                              [--resolution 64|128|256] [--crop 128|140] [--partition list_eval_partition.txt]
     python -m shards folder  --src DIR --out URL [--resolution 64] [--channels 3] [--test-fraction 0.1]
+    python -m shards index   URL [--image-ext jpg] [--resolution N] [--test-shards K]
+                             (existing WebDataset shards: a folder, split folders, or a.../s-{000..099}.tar)
     python -m shards verify URL
 
 One subcommand per data source; each builds shards and writes the manifest last. Builders never
@@ -60,6 +62,23 @@ def _folder(args: argparse.Namespace) -> None:
                                     samples_per_shard=args.samples_per_shard, workers=args.workers))
 
 
+def _index(args: argparse.Namespace) -> None:
+    from shards.index import index_webdataset
+
+    manifest = index_webdataset(args.url, image_ext=args.image_ext, resolution=args.resolution,
+                                test_shards=args.test_shards, name=args.name, workers=args.workers)
+    root = shardformat.dataset_root(manifest_root(args.url))
+    _summary(root, manifest)
+    if "test" not in manifest["splits"]:
+        print("note: no 'test' split: training works, but the encode and evaluate stages need one "
+              "(--test-shards K, or a test/ folder of shards)")
+
+
+def manifest_root(url: str) -> str:
+    """The directory an index manifest goes to: the URL itself, or the folder of a .tar pattern."""
+    return url.rsplit("/", 1)[0] if url.endswith(".tar") and "/" in url else url
+
+
 def _verify(args: argparse.Namespace) -> None:
     """Read every shard, check hash and count, and decode every sample."""
     root = shardformat.dataset_root(args.url)
@@ -68,7 +87,8 @@ def _verify(args: argparse.Namespace) -> None:
         for shard in entry["shards"]:
             url = shardformat.shard_url(root, shard["name"])
             for key, files in shardformat.iter_tar(url, sha256=shard["sha256"], count=shard["count"]):
-                shardformat.decode_sample(url, key, files, manifest["kind"], manifest["shape"])
+                shardformat.decode_sample(url, key, files, manifest["kind"], manifest["shape"],
+                                          manifest.get("decode"))
         print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards OK")
     _summary(root, manifest)
 
@@ -124,6 +144,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="folder", help="dataset name recorded in the manifest")
     p.add_argument("--workers", type=int, default=1, help="processes decoding and resizing images")
     p.set_defaults(run=_folder)
+
+    p = sub.add_parser("index", help="write a manifest beside existing WebDataset shards (no copy), after "
+                       "decoding every sample")
+    p.add_argument("url", help="folder of .tar shards (or of split folders train/, test/, ...), or a pattern "
+                   "'.../shard-{000000..000099}.tar'")
+    p.add_argument("--image-ext", default="", help="the member holding the image (jpg, png, ...); default: "
+                   "the one image member each sample has")
+    p.add_argument("--resolution", type=int, default=0, help="resize to N x N as the shards are read (centre "
+                   "square, Lanczos); 0: keep the stored size")
+    p.add_argument("--test-shards", type=int, default=0, help="in a flat folder: the last K shards (sorted) "
+                   "form the test split")
+    p.add_argument("--name", default="", help="dataset name recorded in the manifest (default: the folder's)")
+    p.add_argument("--workers", type=int, default=1, help="processes reading and decoding shards")
+    p.set_defaults(run=_index)
 
     p = sub.add_parser("verify", help="check every shard's hash and count and decode every sample")
     p.add_argument("url", help="dataset directory or manifest URL")
