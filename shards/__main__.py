@@ -14,6 +14,7 @@
 
 One subcommand per data source; each builds shards and writes the manifest last. Builders never
 download: fetch the raw files first. --out and --src take local paths or fsspec URLs (s3://...).
+Every builder takes --encoding png|npy: PNG, or raw uint8 .npy (decoding is a copy; more bytes).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _synthetic(args: argparse.Namespace) -> None:
     from tsvae_dist.data.synthetic import build_synthetic
 
     manifest = build_synthetic(args.out, resolution=args.resolution, train=args.train, test=args.test,
-                               samples_per_shard=args.samples_per_shard, seed=args.seed)
+                               samples_per_shard=args.samples_per_shard, seed=args.seed, encoding=args.encoding)
     _summary(args.out, manifest)
 
 
@@ -37,13 +38,15 @@ def _mnist(args: argparse.Namespace) -> None:
     from shards.idx import build_idx
 
     name = "mnist" if args.command == "mnist" else "fashion"
-    _summary(args.out, build_idx(args.src, args.out, name=name, samples_per_shard=args.samples_per_shard))
+    _summary(args.out, build_idx(args.src, args.out, name=name, samples_per_shard=args.samples_per_shard,
+                                 encoding=args.encoding))
 
 
 def _cifar10(args: argparse.Namespace) -> None:
     from shards.cifar10 import build_cifar10
 
-    _summary(args.out, build_cifar10(args.src, args.out, samples_per_shard=args.samples_per_shard))
+    _summary(args.out, build_cifar10(args.src, args.out, samples_per_shard=args.samples_per_shard,
+                                     encoding=args.encoding))
 
 
 def _celeba(args: argparse.Namespace) -> None:
@@ -51,7 +54,7 @@ def _celeba(args: argparse.Namespace) -> None:
 
     _summary(args.out, build_celeba(args.src, args.out, resolution=args.resolution, crop=args.crop,
                                     partition=args.partition, samples_per_shard=args.samples_per_shard,
-                                    workers=args.workers))
+                                    workers=args.workers, encoding=args.encoding))
 
 
 def _folder(args: argparse.Namespace) -> None:
@@ -59,7 +62,8 @@ def _folder(args: argparse.Namespace) -> None:
 
     _summary(args.out, build_folder(args.src, args.out, resolution=args.resolution, channels=args.channels,
                                     test_fraction=args.test_fraction, name=args.name,
-                                    samples_per_shard=args.samples_per_shard, workers=args.workers))
+                                    samples_per_shard=args.samples_per_shard, workers=args.workers,
+                                    encoding=args.encoding))
 
 
 def _index(args: argparse.Namespace) -> None:
@@ -100,6 +104,12 @@ def _summary(root: str, manifest: dict) -> None:
           f"{splits}")
 
 
+def add_encoding(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoding", default="png", choices=shardformat.ENCODINGS,
+                   help="how samples are stored: png (compression 6: small, a few ms to decode at 256 px) or npy "
+                   "(raw uint8: decoding is a copy, several times the bytes; benchmarks/RESULTS.md)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shards", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", type=int, default=1024, help="test samples")
     p.add_argument("--samples-per-shard", type=int, default=512, help="samples per tar shard")
     p.add_argument("--seed", type=int, default=0, help="generator seed")
+    add_encoding(p)
     p.set_defaults(run=_synthetic)
 
     def source_parser(name: str, help: str, src_help: str, per_shard: int = 1000) -> argparse.ArgumentParser:
@@ -118,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--src", required=True, help=src_help)
         p.add_argument("--out", required=True, help="dataset directory URL (local path or fsspec URL)")
         p.add_argument("--samples-per-shard", type=int, default=per_shard, help="samples per tar shard")
+        add_encoding(p)
         return p
 
     for name, what in (("mnist", "MNIST"), ("fashion", "Fashion-MNIST")):

@@ -20,13 +20,14 @@ from collections.abc import Iterator
 from PIL import Image
 
 from shards.common import (
+    check_encoding,
     check_positive,
     decode_image,
     digest_of,
+    encoded,
     file_record,
     input_record,
     ordered_map,
-    png,
     read_input,
     resize,
     write_split,
@@ -92,19 +93,19 @@ def _read_member(src: str, name: str) -> bytes:
     return read_input(storage.join(src, name))
 
 
-def _encode(task: tuple[str, str, int, int]) -> tuple[bytes, str]:
-    """(PNG, SHA-256 of the source JPEG) of one image; module-level so worker processes can run it."""
-    src, name, crop, resolution = task
+def _encode(task: tuple[str, str, int, int, str]) -> tuple[bytes, str]:
+    """(encoded sample, SHA-256 of the source JPEG) of one image; module-level so worker processes can run it."""
+    src, name, crop, resolution, encoding = task
     data = _read_member(src, name)
-    return png(preprocess(data, f"{src}: {name}", crop, resolution)), hashlib.sha256(data).hexdigest()
+    return encoded(preprocess(data, f"{src}: {name}", crop, resolution), encoding), hashlib.sha256(data).hexdigest()
 
 
 def _keyed(split: str, names: list[str], tasks: list, workers: int, hashes: list[str]
            ) -> Iterator[tuple[str, bytes]]:
-    """(key, PNG) of each image in order; appends "<name> <sha256 of the JPEG>" to `hashes`."""
-    for name, (encoded, sha) in zip(names, ordered_map(_encode, tasks, workers), strict=True):
+    """(key, encoded image) of each image in order; appends "<name> <sha256 of the JPEG>" to `hashes`."""
+    for name, (sample, sha) in zip(names, ordered_map(_encode, tasks, workers), strict=True):
         hashes.append(f"{name} {sha}")
-        yield f"{split}-{name[:6]}", encoded
+        yield f"{split}-{name[:6]}", sample
 
 
 def _list_images(src: str) -> dict[str, str]:
@@ -128,9 +129,10 @@ def _list_images(src: str) -> dict[str, str]:
 
 
 def build_celeba(src: str, out: str, *, resolution: int = 64, crop: int = 128, partition: str = "",
-                 samples_per_shard: int = 1000, workers: int = 1) -> dict:
+                 samples_per_shard: int = 1000, workers: int = 1, encoding: str = "png") -> dict:
     """Shards of CelebA at `resolution` from `src` (folder or zip); returns the manifest."""
     check_positive("celeba", samples_per_shard=samples_per_shard, workers=workers)
+    check_encoding("celeba", encoding)
     if resolution not in RESOLUTIONS:
         raise DataError(f"celeba: resolution: {resolution} is not one of {RESOLUTIONS}")
     crop_box(crop)
@@ -157,13 +159,14 @@ def build_celeba(src: str, out: str, *, resolution: int = 64, crop: int = 128, p
             if split == "val":
                 continue
             raise DataError(f"{src}: no {split} images under the {'given' if partition else 'official'} partition")
-        tasks = [(src, images[n], crop, resolution) for n in names]
+        tasks = [(src, images[n], crop, resolution, encoding) for n in names]
         hashes: list[str] = []
-        splits[split] = write_split(out, split, _keyed(split, names, tasks, workers, hashes), samples_per_shard)
+        splits[split] = write_split(out, split, _keyed(split, names, tasks, workers, hashes), samples_per_shard,
+                                    ext=encoding)
         if not src.endswith(".zip"):
             inputs.append({"file": f"{split}: {len(names)} jpg files", "sha256_of_list": digest_of(hashes)})
     left, top, right, bottom = crop_box(crop)
-    source = {"builder": BUILDER, "dataset": "celeba", "inputs": inputs,
+    source = {"builder": BUILDER, "dataset": "celeba", "inputs": inputs, "encoding": encoding,
               "crop": {"rows": [top, bottom], "cols": [left, right]}, "resize": "lanczos (antialiased)",
               "splits": "list_eval_partition.txt" if partition else "official partition by image number"}
     return finish_dataset(out, name=f"celeba{resolution}", kind="image", shape=[3, resolution, resolution],
