@@ -104,7 +104,8 @@ def main() -> None:
                    "npy_bytes_vs_png": round(sets["npy"][2] / sets["png"][2], 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| px | PNG samples/s | npy samples/s | npy/PNG speed | PNG bytes/sample | npy bytes/sample | npy/PNG bytes |")
+    print("\n| px | PNG samples/s | npy samples/s | npy/PNG speed | PNG bytes/sample | npy bytes/sample "
+          "| npy/PNG bytes |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['resolution']} | {r['png_samples_per_s']:,.0f} | {r['npy_samples_per_s']:,.0f} | "

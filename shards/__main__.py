@@ -6,7 +6,10 @@
     python -m shards fashion --src DIR --out URL      (the same file names, Fashion-MNIST)
     python -m shards cifar10 --src cifar-10-binary.tar.gz|DIR --out URL
     python -m shards celeba  --src img_align_celeba/|img_align_celeba.zip --out URL
-                             [--resolution 64|128|256] [--crop 128|140] [--partition list_eval_partition.txt]
+                             [--resolution 64|128] [--crop 128|140] [--partition list_eval_partition.txt]
+                             [--upsample]   (256 only upsamples the crop: use celebahq)
+    python -m shards celebahq --src CelebA-HQ-img/ --out URL [--resolution 256|128] [--split index|celeba]
+                             [--mapping CelebA-HQ-to-CelebA-mapping.txt]
     python -m shards folder  --src DIR --out URL [--resolution 64] [--channels 3] [--test-fraction 0.1]
     python -m shards index   URL [--image-ext jpg] [--resolution N] [--test-shards K]
                              (existing WebDataset shards: a folder, split folders, or a.../s-{000..099}.tar)
@@ -54,7 +57,16 @@ def _celeba(args: argparse.Namespace) -> None:
 
     _summary(args.out, build_celeba(args.src, args.out, resolution=args.resolution, crop=args.crop,
                                     partition=args.partition, samples_per_shard=args.samples_per_shard,
-                                    workers=args.workers, encoding=args.encoding))
+                                    workers=args.workers, encoding=args.encoding, upsample=args.upsample))
+
+
+def _celebahq(args: argparse.Namespace) -> None:
+    from shards.celebahq import build_celebahq
+
+    _summary(args.out, build_celebahq(args.src, args.out, resolution=args.resolution, split=args.split,
+                                      mapping=args.mapping, expect_images=args.expect_images,
+                                      samples_per_shard=args.samples_per_shard, workers=args.workers,
+                                      encoding=args.encoding))
 
 
 def _folder(args: argparse.Namespace) -> None:
@@ -147,7 +159,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partition", default="", help="list_eval_partition.txt (default: the official split "
                    "by image number)")
     p.add_argument("--workers", type=int, default=1, help="processes decoding and resizing images")
+    p.add_argument("--upsample", action="store_true", help="allow a resolution above the crop (upsampling it; "
+                   "for 256-px faces build celebahq instead)")
     p.set_defaults(run=_celeba)
+    p = source_parser("celebahq", "CelebA-HQ: 30,000 faces from a folder of 1024-px (or 512/256-px) PNG/JPEG "
+                      "files numbered 0-29999, resized with an antialiased filter",
+                      "the folder of images (e.g. CelebA-HQ-img/)")
+    p.add_argument("--resolution", type=int, default=256, choices=(32, 64, 128, 256, 512, 1024),
+                   help="output side in pixels (never above the images' own)")
+    p.add_argument("--split", default="index", choices=("index", "celeba"),
+                   help="index: images 0-26999 train, 27000-29999 test (Glow's 27k/3k); celeba: CelebA's official "
+                   "identity-disjoint partition of each image's source, through --mapping")
+    p.add_argument("--mapping", default="", help="CelebA-HQ-to-CelebA-mapping.txt (for --split celeba)")
+    p.add_argument("--expect-images", type=int, default=30000, help="how many images the folder must hold")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding and resizing images")
+    p.set_defaults(run=_celebahq)
     p = source_parser("folder", "any folder of images (recursive): centre square, antialiased resize",
                       "the folder of images")
     p.add_argument("--resolution", type=int, default=64, help="output side in pixels")

@@ -3,7 +3,9 @@
 Geometry: each aligned image is 178×218 (W×H). The paper's crop keeps rows 45:173 and columns 25:153
 (a 128×128 square centred on the face); `crop=140` keeps the 140×140 centre square (rows 39:179,
 columns 19:159) instead. The crop is then resized to 64, 128 or 256 pixels with a Lanczos filter,
-antialiased when shrinking (shards.common.resize).
+antialiased when shrinking (shards.common.resize). A size above the crop would only upsample it (4x
+the pixels of 128 at 256, no new information) and is refused unless `upsample` is asked for: a
+256-pixel CelebA is CelebA-HQ (shards/celebahq.py).
 
 Splits: the official partition (`list_eval_partition.txt`: 0 train, 1 val, 2 test) when given;
 otherwise the same partition by image number (1-162770 train, 162771-182637 val, the rest test),
@@ -129,13 +131,18 @@ def _list_images(src: str) -> dict[str, str]:
 
 
 def build_celeba(src: str, out: str, *, resolution: int = 64, crop: int = 128, partition: str = "",
-                 samples_per_shard: int = 1000, workers: int = 1, encoding: str = "png") -> dict:
+                 samples_per_shard: int = 1000, workers: int = 1, encoding: str = "png", upsample: bool = False
+                 ) -> dict:
     """Shards of CelebA at `resolution` from `src` (folder or zip); returns the manifest."""
     check_positive("celeba", samples_per_shard=samples_per_shard, workers=workers)
     check_encoding("celeba", encoding)
     if resolution not in RESOLUTIONS:
         raise DataError(f"celeba: resolution: {resolution} is not one of {RESOLUTIONS}")
     crop_box(crop)
+    if resolution > crop and not upsample:
+        raise DataError(f"celeba: resolution: {resolution} px is above the {crop} px crop: that only upsamples it. "
+                        f"For 256-px faces build CelebA-HQ (`python -m shards celebahq`); pass --upsample to "
+                        "upsample anyway")
     images = _list_images(src)
     inputs = []
     if partition:
@@ -167,7 +174,8 @@ def build_celeba(src: str, out: str, *, resolution: int = 64, crop: int = 128, p
             inputs.append({"file": f"{split}: {len(names)} jpg files", "sha256_of_list": digest_of(hashes)})
     left, top, right, bottom = crop_box(crop)
     source = {"builder": BUILDER, "dataset": "celeba", "inputs": inputs, "encoding": encoding,
-              "crop": {"rows": [top, bottom], "cols": [left, right]}, "resize": "lanczos (antialiased)",
+              "crop": {"rows": [top, bottom], "cols": [left, right]},
+              "resize": "lanczos (antialiased)" + (f", upsampled {crop} -> {resolution}" if resolution > crop else ""),
               "splits": "list_eval_partition.txt" if partition else "official partition by image number"}
     return finish_dataset(out, name=f"celeba{resolution}", kind="image", shape=[3, resolution, resolution],
                           splits=splits, source=source)
