@@ -287,6 +287,9 @@ def _load_npy(data: bytes, where: str) -> np.ndarray:
         raise DataError(f"{where}: unreadable .npy ({e})") from e
 
 
+_PIL_FORMATS = {"png": ("PNG",), "jpg": ("JPEG",), "jpeg": ("JPEG",)}
+
+
 def decode_image(where: str, ext: str, data: bytes, shape: list[int] | None = None) -> np.ndarray:
     """One image member (`ext` one of IMAGE_EXTS) as uint8 [C,H,W]; with `shape` it must have that shape."""
     if ext not in IMAGE_EXTS:
@@ -301,7 +304,9 @@ def _decode_image(where: str, ext: str, data: bytes, shape: list[int] | None) ->
             raise DataError(f"{where}: expected uint8 .npy, got {arr.dtype}")
     else:
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            # only the format the extension names: PIL would otherwise open any format it knows (EPS runs
+            # Ghostscript), and indexed shards come from other tools
+            with Image.open(io.BytesIO(data), formats=_PIL_FORMATS[ext]) as img:
                 if img.mode not in ("L", "RGB"):
                     raise DataError(f"{where}: image mode {img.mode!r}; expected 'L' or 'RGB'")
                 arr = np.asarray(img)
