@@ -3,7 +3,9 @@
 Geometry: each aligned image is 178×218 (W×H). The paper's crop keeps rows 45:173 and columns 25:153
 (a 128×128 square centred on the face); `crop=140` keeps the 140×140 centre square (rows 39:179,
 columns 19:159) instead. The crop is then resized to 64, 128 or 256 pixels with a Lanczos filter,
-antialiased when shrinking (shards.common.resize).
+antialiased when shrinking (shards.common.resize). A size above the crop would only upsample it (4x
+the pixels of 128 at 256, no new information) and is refused unless `upsample` is asked for: a
+256-pixel CelebA is CelebA-HQ (shards/celebahq.py).
 
 Splits: the official partition (`list_eval_partition.txt`: 0 train, 1 val, 2 test) when given;
 otherwise the same partition by image number (1-162770 train, 162771-182637 val, the rest test),
@@ -20,13 +22,14 @@ from collections.abc import Iterator
 from PIL import Image
 
 from shards.common import (
+    check_encoding,
     check_positive,
     decode_image,
     digest_of,
+    encoded,
     file_record,
     input_record,
     ordered_map,
-    png,
     read_input,
     resize,
     write_split,
@@ -92,19 +95,19 @@ def _read_member(src: str, name: str) -> bytes:
     return read_input(storage.join(src, name))
 
 
-def _encode(task: tuple[str, str, int, int]) -> tuple[bytes, str]:
-    """(PNG, SHA-256 of the source JPEG) of one image; module-level so worker processes can run it."""
-    src, name, crop, resolution = task
+def _encode(task: tuple[str, str, int, int, str]) -> tuple[bytes, str]:
+    """(encoded sample, SHA-256 of the source JPEG) of one image; module-level so worker processes can run it."""
+    src, name, crop, resolution, encoding = task
     data = _read_member(src, name)
-    return png(preprocess(data, f"{src}: {name}", crop, resolution)), hashlib.sha256(data).hexdigest()
+    return encoded(preprocess(data, f"{src}: {name}", crop, resolution), encoding), hashlib.sha256(data).hexdigest()
 
 
 def _keyed(split: str, names: list[str], tasks: list, workers: int, hashes: list[str]
            ) -> Iterator[tuple[str, bytes]]:
-    """(key, PNG) of each image in order; appends "<name> <sha256 of the JPEG>" to `hashes`."""
-    for name, (encoded, sha) in zip(names, ordered_map(_encode, tasks, workers), strict=True):
+    """(key, encoded image) of each image in order; appends "<name> <sha256 of the JPEG>" to `hashes`."""
+    for name, (sample, sha) in zip(names, ordered_map(_encode, tasks, workers), strict=True):
         hashes.append(f"{name} {sha}")
-        yield f"{split}-{name[:6]}", encoded
+        yield f"{split}-{name[:6]}", sample
 
 
 def _list_images(src: str) -> dict[str, str]:
@@ -128,12 +131,18 @@ def _list_images(src: str) -> dict[str, str]:
 
 
 def build_celeba(src: str, out: str, *, resolution: int = 64, crop: int = 128, partition: str = "",
-                 samples_per_shard: int = 1000, workers: int = 1) -> dict:
+                 samples_per_shard: int = 1000, workers: int = 1, encoding: str = "png", upsample: bool = False
+                 ) -> dict:
     """Shards of CelebA at `resolution` from `src` (folder or zip); returns the manifest."""
     check_positive("celeba", samples_per_shard=samples_per_shard, workers=workers)
+    check_encoding("celeba", encoding)
     if resolution not in RESOLUTIONS:
         raise DataError(f"celeba: resolution: {resolution} is not one of {RESOLUTIONS}")
     crop_box(crop)
+    if resolution > crop and not upsample:
+        raise DataError(f"celeba: resolution: {resolution} px is above the {crop} px crop: that only upsamples it. "
+                        f"For 256-px faces build CelebA-HQ (`python -m shards celebahq`); pass --upsample to "
+                        "upsample anyway")
     images = _list_images(src)
     inputs = []
     if partition:
@@ -157,14 +166,16 @@ def build_celeba(src: str, out: str, *, resolution: int = 64, crop: int = 128, p
             if split == "val":
                 continue
             raise DataError(f"{src}: no {split} images under the {'given' if partition else 'official'} partition")
-        tasks = [(src, images[n], crop, resolution) for n in names]
+        tasks = [(src, images[n], crop, resolution, encoding) for n in names]
         hashes: list[str] = []
-        splits[split] = write_split(out, split, _keyed(split, names, tasks, workers, hashes), samples_per_shard)
+        splits[split] = write_split(out, split, _keyed(split, names, tasks, workers, hashes), samples_per_shard,
+                                    ext=encoding)
         if not src.endswith(".zip"):
             inputs.append({"file": f"{split}: {len(names)} jpg files", "sha256_of_list": digest_of(hashes)})
     left, top, right, bottom = crop_box(crop)
-    source = {"builder": BUILDER, "dataset": "celeba", "inputs": inputs,
-              "crop": {"rows": [top, bottom], "cols": [left, right]}, "resize": "lanczos (antialiased)",
+    source = {"builder": BUILDER, "dataset": "celeba", "inputs": inputs, "encoding": encoding,
+              "crop": {"rows": [top, bottom], "cols": [left, right]},
+              "resize": "lanczos (antialiased)" + (f", upsampled {crop} -> {resolution}" if resolution > crop else ""),
               "splits": "list_eval_partition.txt" if partition else "official partition by image number"}
     return finish_dataset(out, name=f"celeba{resolution}", kind="image", shape=[3, resolution, resolution],
                           splits=splits, source=source)

@@ -12,9 +12,8 @@ import tarfile
 
 import numpy as np
 
-from shards.common import check_positive, input_record, read_input, write_split
+from shards.common import check_encoding, check_positive, encoded, input_record, read_input, write_split
 from tsvae_dist import storage
-from tsvae_dist.data import shardformat
 from tsvae_dist.data.writer import finish_dataset
 from tsvae_dist.errors import DataError
 
@@ -64,15 +63,16 @@ def _batch_files(src: str) -> tuple[dict[str, bytes], list[dict]]:
     return found, inputs
 
 
-def build_cifar10(src: str, out: str, *, samples_per_shard: int = 1000) -> dict:
+def build_cifar10(src: str, out: str, *, samples_per_shard: int = 1000, encoding: str = "png") -> dict:
     """Shards of CIFAR-10 (binary version at `src`: the .tar.gz or the folder); returns the manifest."""
     check_positive("cifar10", samples_per_shard=samples_per_shard)
+    check_encoding("cifar10", encoding)
     files, inputs = _batch_files(src)
     splits = {}
     for split, names in BATCHES.items():
         images = np.concatenate([parse_records(files[n], f"{src}: {n}") for n in names])
-        samples = ((f"{split}-{i:08d}", shardformat.encode_image(images[i])) for i in range(len(images)))
-        splits[split] = write_split(out, split, samples, samples_per_shard)
-    source = {"builder": BUILDER, "dataset": "cifar10", "inputs": inputs,
+        samples = ((f"{split}-{i:08d}", encoded(images[i], encoding)) for i in range(len(images)))
+        splits[split] = write_split(out, split, samples, samples_per_shard, ext=encoding)
+    source = {"builder": BUILDER, "dataset": "cifar10", "inputs": inputs, "encoding": encoding,
               "splits": "official: train = data_batch_1..5, test = test_batch"}
     return finish_dataset(out, name="cifar10", kind="image", shape=[3, 32, 32], splits=splits, source=source)

@@ -91,8 +91,14 @@ def centre_square(img: Image.Image) -> Image.Image:
     return img.crop((left, top, left + side, top + side))
 
 
-def png(img: Image.Image) -> bytes:
-    return shardformat.encode_image(np.asarray(img))
+def encoded(img: Image.Image | np.ndarray, encoding: str) -> bytes:
+    """An image's bytes in the chosen sample encoding (`shardformat.ENCODINGS`: png or npy)."""
+    return shardformat.encode_image_as(np.asarray(img), encoding)
+
+
+def check_encoding(name: str, encoding: str) -> None:
+    if encoding not in shardformat.ENCODINGS:
+        raise DataError(f"{name}: encoding: {encoding!r} is not one of {list(shardformat.ENCODINGS)}")
 
 
 def ordered_map(fn: Callable[[T], R], items: list[T], workers: int) -> Iterator[R]:

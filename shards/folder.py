@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from shards.common import (
     IMAGE_SUFFIXES,
     centre_square,
+    check_encoding,
     check_positive,
     decode_image,
     digest_of,
+    encoded,
     ordered_map,
-    png,
     read_input,
     resize,
     to_channels,
@@ -51,25 +52,26 @@ def is_test(rel: str, test_fraction: float) -> bool:
     return int(hashlib.sha256(rel.encode("utf-8")).hexdigest()[:8], 16) < test_fraction * 2 ** 32
 
 
-def _encode(task: tuple[str, str, int, int]) -> tuple[bytes, str]:
-    """(PNG, SHA-256 of the source file) of one image; module-level so worker processes can run it."""
-    src, rel, channels, resolution = task
+def _encode(task: tuple[str, str, int, int, str]) -> tuple[bytes, str]:
+    """(encoded sample, SHA-256 of the source file) of one image; module-level so worker processes can run it."""
+    src, rel, channels, resolution, encoding = task
     data = read_input(storage.join(src, *rel.split("/")))
     img = to_channels(decode_image(data, f"{src}: {rel}"), channels)
-    return png(resize(centre_square(img), resolution)), hashlib.sha256(data).hexdigest()
+    return encoded(resize(centre_square(img), resolution), encoding), hashlib.sha256(data).hexdigest()
 
 
 def _keyed(split: str, rels: list[str], tasks: list, workers: int, hashes: list[str]) -> Iterator[tuple[str, bytes]]:
-    for i, (rel, (encoded, sha)) in enumerate(zip(rels, ordered_map(_encode, tasks, workers), strict=True)):
+    for i, (rel, (sample, sha)) in enumerate(zip(rels, ordered_map(_encode, tasks, workers), strict=True)):
         hashes.append(f"{rel} {sha}")
-        yield f"{split}-{i:08d}", encoded
+        yield f"{split}-{i:08d}", sample
 
 
 def build_folder(src: str, out: str, *, resolution: int = 64, channels: int = 3, test_fraction: float = 0.1,
-                 name: str = "folder", samples_per_shard: int = 1000, workers: int = 1) -> dict:
+                 name: str = "folder", samples_per_shard: int = 1000, workers: int = 1, encoding: str = "png") -> dict:
     """Shards of the images under `src`; returns the manifest. Key `<split>-<i>` is the i-th file of its
     split in sorted path order."""
     check_positive("folder", resolution=resolution, samples_per_shard=samples_per_shard, workers=workers)
+    check_encoding("folder", encoding)
     if channels not in (1, 3):
         raise DataError(f"folder: channels: must be 1 or 3, got {channels}")
     if not 0.0 < test_fraction < 1.0:
@@ -81,12 +83,13 @@ def build_folder(src: str, out: str, *, resolution: int = 64, channels: int = 3,
     for split, names in by_split.items():
         if not names:
             raise DataError(f"{src}: {len(rels)} images give an empty {split} split at test_fraction={test_fraction}")
-        tasks = [(src, r, channels, resolution) for r in names]
+        tasks = [(src, r, channels, resolution, encoding) for r in names]
         hashes: list[str] = []
-        splits[split] = write_split(out, split, _keyed(split, names, tasks, workers, hashes), samples_per_shard)
+        splits[split] = write_split(out, split, _keyed(split, names, tasks, workers, hashes), samples_per_shard,
+                                    ext=encoding)
         digests[split] = digest_of(hashes)
         counts[split] = len(names)
-    source = {"builder": BUILDER, "dataset": name, "root": src, "files": counts,
+    source = {"builder": BUILDER, "dataset": name, "root": src, "files": counts, "encoding": encoding,
               "inputs_sha256": digests, "preprocess": f"{'grey' if channels == 1 else 'RGB'}, centre square, "
                                                       f"lanczos (antialiased) to {resolution}",
               "splits": f"test if sha256(path)[:8] < {test_fraction} x 2^32"}

@@ -11,9 +11,8 @@ import gzip
 
 import numpy as np
 
-from shards.common import check_positive, input_record, read_input, write_split
+from shards.common import check_encoding, check_positive, encoded, input_record, read_input, write_split
 from tsvae_dist import storage
-from tsvae_dist.data import shardformat
 from tsvae_dist.data.writer import finish_dataset
 from tsvae_dist.errors import DataError
 
@@ -53,9 +52,10 @@ def _find(src: str, stem: str) -> str:
                     "builders never download)")
 
 
-def build_idx(src: str, out: str, *, name: str, samples_per_shard: int = 1000) -> dict:
+def build_idx(src: str, out: str, *, name: str, samples_per_shard: int = 1000, encoding: str = "png") -> dict:
     """Shards of the idx image files in `src` (MNIST or Fashion-MNIST); returns the manifest."""
     check_positive(name, samples_per_shard=samples_per_shard)
+    check_encoding(name, encoding)
     splits, inputs = {}, []
     shape = None
     for split, stem in IMAGE_FILES.items():
@@ -68,9 +68,9 @@ def build_idx(src: str, out: str, *, name: str, samples_per_shard: int = 1000) -
             raise DataError(f"{url}: images of {list(images.shape[1:])}, the training images are {list(shape)}")
         shape = images.shape[1:]
         inputs.append(input_record(url, data))
-        samples = ((f"{split}-{i:08d}", shardformat.encode_image(images[i])) for i in range(len(images)))
-        splits[split] = write_split(out, split, samples, samples_per_shard)
-    source = {"builder": BUILDER, "dataset": name, "inputs": inputs,
+        samples = ((f"{split}-{i:08d}", encoded(images[i], encoding)) for i in range(len(images)))
+        splits[split] = write_split(out, split, samples, samples_per_shard, ext=encoding)
+    source = {"builder": BUILDER, "dataset": name, "inputs": inputs, "encoding": encoding,
               "splits": "official: train = train-images (all), test = t10k-images (all)"}
     return finish_dataset(out, name=name, kind="image", shape=[1, int(shape[0]), int(shape[1])], splits=splits,
                           source=source)

@@ -56,6 +56,7 @@ def split_images(root: str, split: str) -> dict[str, np.ndarray]:
     manifest = shardformat.read_manifest(root)
     out: dict[str, np.ndarray] = {}
     for entry in manifest["splits"][split]["shards"]:
-        keys, images = decode_image_shard(shardformat.dataset_root(root), entry, manifest["shape"])
+        keys, images = decode_image_shard(shardformat.dataset_root(root), entry, manifest["shape"],
+                                          manifest.get("decode"))
         out.update(zip(keys, images, strict=True))
     return out

@@ -20,7 +20,7 @@ from tsvae_dist.layout import STAGES, RunLayout
 from tsvae_dist.models.config import ModelConfig
 from tsvae_dist.models.gamma import GAMMA_MODES
 
-DATASETS = ("synthetic", "mnist", "fashion", "cifar10", "celeba64", "celeba128", "celeba256", "folder")
+DATASETS = ("synthetic", "mnist", "fashion", "cifar10", "celeba64", "celeba128", "celeba256", "celebahq128", "folder")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 

@@ -10,6 +10,7 @@ persistent one failing in bounded time. The gateway is stopped or frozen with
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -20,11 +21,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tests.cluster import DEV_CLUSTER, REPO
-from tests.datautil import build_images
+from tests.datautil import build_images, split_images
 from tests.stagerun import env, kill_job, run_stage, stage_command, tiny_overrides
 from tsvae_dist import storage
 from tsvae_dist.data import shardformat
@@ -190,6 +192,56 @@ def test_webdataset_pipeline_in_spawned_workers(images_s3):
     assert keys(storage.webdataset_worker_init) == [f"train-{i:08d}" for i in range(230)]
     with pytest.raises(ValueError, match="s3://.*: no gopen handler defined"):  # what unregistered workers do
         keys(None, workers=1)
+
+
+def test_our_shards_decoded_by_a_plain_webdataset_pipeline(images_s3):
+    """Interop, our writer -> webdataset's reader: its own decoder gives the pixels ours gives."""
+    import webdataset as wds
+
+    _, remote = images_s3
+    manifest = shardformat.read_manifest(remote)
+    ours = split_images(remote, "train")
+    storage.register_webdataset_opener()
+    urls = [shardformat.shard_url(remote, s["name"]) for s in manifest["splits"]["train"]["shards"]]
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("rgb8").to_tuple("__key__", "png")
+    theirs = {key: image.transpose(2, 0, 1) for key, image in dataset}
+    assert theirs.keys() == ours.keys() and len(theirs) == manifest["splits"]["train"]["count"]
+    assert all(np.array_equal(theirs[k], ours[k]) for k in ours)
+
+
+def test_webdataset_shards_on_s3_indexed_in_place_and_streamed(s3, tmp_path):
+    """Interop, webdataset's writer -> us: TarWriter shards uploaded to s3://, indexed there (resized at
+    read time), streamed by the loader with the pixels of a local decode."""
+    import webdataset as wds
+    from PIL import Image
+
+    from shards.index import index_webdataset
+
+    root = f"{s3}/wds-{uuid.uuid4().hex[:8]}"
+    want = {}
+    rng = np.random.default_rng(1)
+    for s in range(3):
+        local = tmp_path / f"shard-{s:06d}.tar"
+        with wds.TarWriter(str(local)) as sink:
+            for i in range(6):
+                key = f"k{s}{i:03d}"
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (12, 18, 3), dtype=np.uint8)).save(buf, format="PNG")
+                sink.write({"__key__": key, "png": buf.getvalue(), "json": b"{}"})
+                with Image.open(io.BytesIO(buf.getvalue())) as img:
+                    want[key] = np.asarray(shardformat.resize_square(img, 8)).transpose(2, 0, 1)
+        storage.write_bytes_atomic(f"{root}/{local.name}", local.read_bytes())
+    manifest = index_webdataset(f"{root}/shard-{{000000..000002}}.tar", resolution=8, test_shards=1)
+    assert storage.listdir(root) == ["manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert manifest["decode"] == {"image": "png", "resize_from": [3, 12, 18]}
+    loader = StreamLoader(root, "train", global_batch=4, rank=0, world=1,
+                          cfg=LoaderConfig(workers=2, streams=2, shuffle_buffer=4), seed=0)
+    seen = {}
+    for batch in loader.epoch(0):
+        for key, image in zip(batch["key"], batch["image"], strict=True):
+            seen[key] = (image.numpy() * 255).round().astype(np.uint8)
+    assert seen.keys() == {k for k in want if not k.startswith("k2")}
+    assert all(np.array_equal(seen[k], want[k]) for k in seen)
 
 
 def test_frozen_server_is_a_storage_error_naming_the_shard(images_s3, monkeypatch):

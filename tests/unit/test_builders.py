@@ -290,3 +290,61 @@ def test_cli_builds_and_verifies(tmp_path, idx_dir, capsys):
     assert shardformat.read_manifest(out)["name"] == "fashion"
     assert shards_cli(["cifar10", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 1
     assert "input file missing" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample encoding (--encoding png|npy), every builder
+
+
+def _cli_args(builder: str, request: pytest.FixtureRequest) -> list[str]:
+    """The CLI arguments building a small dataset with `builder` from its fixture (no --out)."""
+    if builder in ("mnist", "fashion"):
+        return [builder, "--src", str(request.getfixturevalue("idx_dir")[0]), "--samples-per-shard", "8"]
+    if builder == "cifar10":
+        return [builder, "--src", str(request.getfixturevalue("cifar_raw")[1]), "--samples-per-shard", "4"]
+    if builder == "celeba":
+        return [builder, "--src", str(request.getfixturevalue("celeba_raw")[0]), "--samples-per-shard", "3",
+                "--workers", "2"]
+    if builder == "folder":
+        return [builder, "--src", str(request.getfixturevalue("image_folder")), "--resolution", "16",
+                "--samples-per-shard", "8"]
+    return ["synthetic", "--train", "20", "--test", "6", "--resolution", "12", "--samples-per-shard", "8"]
+
+
+@pytest.mark.parametrize("builder", ["mnist", "cifar10", "celeba", "folder", "synthetic"])
+def test_npy_encoding_same_pixels_byte_identical_reruns(tmp_path, request, builder):
+    args = _cli_args(builder, request)
+    roots = {name: str(tmp_path / name) for name in ("png", "npy", "npy2")}
+    assert shards_cli([*args, "--out", roots["png"]]) == 0  # the default
+    assert shards_cli([*args, "--out", roots["npy"], "--encoding", "npy"]) == 0
+    assert shards_cli([*args, "--out", roots["npy2"], "--encoding", "npy"]) == 0
+    assert _tree(roots["npy"]) == _tree(roots["npy2"])
+    png, npy = shardformat.read_manifest(roots["png"]), shardformat.read_manifest(roots["npy"])
+    assert png["source"]["encoding"] == "png" and npy["source"]["encoding"] == "npy"
+    assert {k: v for k, v in png["source"].items() if k != "encoding"} == \
+        {k: v for k, v in npy["source"].items() if k != "encoding"}  # the same inputs' hashes
+    assert png["shape"] == npy["shape"]
+    for split, entry in npy["splits"].items():
+        assert entry["count"] == png["splits"][split]["count"]
+        shard = entry["shards"][0]
+        url = shardformat.shard_url(roots["npy"], shard["name"])
+        exts = {e for _, files in shardformat.iter_tar(url, sha256=shard["sha256"]) for e in files}
+        assert exts == {"npy"}
+        a, b = _samples(roots["png"], split), _samples(roots["npy"], split)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert shards_cli(["verify", roots["npy"]]) == 0
+    with pytest.raises(SystemExit):  # argparse refuses other encodings
+        shards_cli([*args, "--out", str(tmp_path / "x"), "--encoding", "webp"])
+
+
+def test_encode_image_as_npy_is_raw_uint8_hwc():
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    data = shardformat.encode_image_as(grey, "npy")
+    assert np.load(io.BytesIO(data), allow_pickle=False).shape == (3, 4, 1)
+    assert len(data) == 128 + 12  # the 128-byte header, then the pixels: no compression
+    out = shardformat.decode_sample("u", "k", {"npy": data}, "image", [1, 3, 4])["image"]
+    assert np.array_equal(out[0], grey)
+    with pytest.raises(ValueError, match="encoding 'webp'"):
+        shardformat.encode_image_as(grey, "webp")
+    with pytest.raises(ValueError, match="expected uint8"):
+        shardformat.encode_image_as(grey.astype(np.float32), "npy")

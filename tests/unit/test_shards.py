@@ -336,3 +336,18 @@ def test_iter_tar_rejects_ungrouped_keys(tmp_path):
             tf.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(DataError, match="u.tar: sample 'a': key appears twice"):
         list(shardformat.iter_tar_bytes("u.tar", buf.getvalue()))
+
+
+def test_decode_opens_only_the_format_the_extension_names():
+    from PIL import Image
+
+    arr = np.full((4, 4, 3), 9, np.uint8)
+    gif, jpeg = io.BytesIO(), io.BytesIO()
+    Image.fromarray(arr).save(gif, format="GIF")
+    Image.fromarray(arr).save(jpeg, format="JPEG")
+    with pytest.raises(DataError, match=r"u: sample 'k': undecodable .png"):  # PIL alone would open the GIF
+        shardformat.decode_sample("u", "k", {"png": gif.getvalue()}, "image", [3, 4, 4])
+    with pytest.raises(DataError, match=r"u: sample 'k': undecodable .png"):
+        shardformat.decode_sample("u", "k", {"png": jpeg.getvalue()}, "image", [3, 4, 4])
+    out = shardformat.decode_sample("u", "k", {"jpeg": jpeg.getvalue()}, "image", [3, 4, 4])["image"]
+    assert out.shape == (3, 4, 4)

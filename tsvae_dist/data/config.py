@@ -15,6 +15,8 @@ class DatasetConfig:
     root: str = ""  # URL of the shard directory holding manifest.json; "" = <data_root>/<name>
     channels: int = 3  # image channels the shards hold (1 for MNIST/Fashion, 3 otherwise)
     resolution: int = 32  # image side in pixels the shards hold
+    source: str = ""  # the raw dataset the shards must be built from (manifest source.dataset, e.g. "celeba",
+    #                   "celebahq"; the builder `python -m shards <source>`); "" = any. Set by the presets.
     synthetic_train: int = 8192  # synthetic only: training images built on first use
     synthetic_test: int = 1024  # synthetic only: test images built on first use
     synthetic_samples_per_shard: int = 512  # synthetic only: images per tar shard

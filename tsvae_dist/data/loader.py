@@ -109,6 +109,7 @@ class _EpochSpec:
     steps: int
     start_step: int
     max_skipped: int  # bad samples a rank may skip this epoch (0: none)
+    decode: dict | None = None  # the manifest's `decode` field (indexed WebDataset shards)
 
 
 def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -226,7 +227,7 @@ def _decode_or_skip(samples: Iterator[tuple[str, dict[str, bytes], str]], ep: _E
     """Decoded samples; a bad one is skipped when the policy allows it (else its DataError propagates)."""
     for key, files, url in samples:
         try:
-            sample = shardformat.decode_sample(url, key, files, ep.kind, list(ep.shape))
+            sample = shardformat.decode_sample(url, key, files, ep.kind, list(ep.shape), ep.decode)
         except DataError as e:
             skips.add(e, f"{url} {key}")
             continue
@@ -365,7 +366,7 @@ class StreamLoader:
         ep = _EpochSpec(kind=self.manifest["kind"], shape=tuple(self.manifest["shape"]), seed=self.seed,
                         epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer, micro_batch=self.micro_batch,
                         steps=self.steps_per_epoch, start_step=start_step,
-                        max_skipped=self.cfg.max_skipped_samples)
+                        max_skipped=self.cfg.max_skipped_samples, decode=self.manifest.get("decode"))
         return self._batches(specs, ep)
 
     def _batches(self, specs: list[_StreamSpec], ep: _EpochSpec) -> Iterator[dict]:

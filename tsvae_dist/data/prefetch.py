@@ -15,13 +15,15 @@ from tsvae_dist.data.workers import as_is, error_item, raise_if_error, stop_work
 from tsvae_dist.errors import DataError
 
 
-def decode_image_shard(root: str, entry: dict[str, Any], shape: list[int]) -> tuple[list[str], np.ndarray]:
-    """Keys and uint8 [N, C, H, W] images of one image shard, in file order (hash and count checked)."""
+def decode_image_shard(root: str, entry: dict[str, Any], shape: list[int], decode: dict | None = None
+                       ) -> tuple[list[str], np.ndarray]:
+    """Keys and uint8 [N, C, H, W] images of one image shard, in file order (hash and count checked);
+    `decode` is the manifest's field of that name (shardformat.decode_sample)."""
     url = shardformat.shard_url(root, entry["name"])
     keys, images = [], []
     for key, files in shardformat.iter_tar(url, sha256=entry["sha256"], count=entry["count"]):
         keys.append(key)
-        images.append(shardformat.decode_sample(url, key, files, "image", shape)["image"])
+        images.append(shardformat.decode_sample(url, key, files, "image", shape, decode)["image"])
     return keys, np.stack(images) if images else np.zeros((0, *shape), np.uint8)
 
 
@@ -29,15 +31,15 @@ class _ShardReader(IterableDataset):
     """Decoded shards in the given order; worker w of W decodes shards w, w+W, ... (the DataLoader
     hands them back round-robin, i.e. in the original order)."""
 
-    def __init__(self, root: str, entries: list[dict[str, Any]], shape: list[int]):
-        self.root, self.entries, self.shape = root, entries, shape
+    def __init__(self, root: str, entries: list[dict[str, Any]], shape: list[int], decode: dict | None):
+        self.root, self.entries, self.shape, self.decode = root, entries, shape, decode
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         mine = self.entries if info is None else self.entries[info.id::info.num_workers]
         for entry in mine:
             try:
-                keys, images = decode_image_shard(self.root, entry, self.shape)
+                keys, images = decode_image_shard(self.root, entry, self.shape, self.decode)
             except DataError as e:
                 if info is None:
                     raise
@@ -49,11 +51,12 @@ class _ShardReader(IterableDataset):
 
 class ShardPrefetcher:
     """(name, keys, uint8 [N, C, H, W] images) of each shard in `entries`, in order, decoded ahead by
-    `workers` processes (0: in this one, on demand). A context manager: leaving it stops the workers,
-    however the block ends."""
+    `workers` processes (0: in this one, on demand); `decode` is the manifest's field of that name. A
+    context manager: leaving it stops the workers, however the block ends."""
 
-    def __init__(self, root: str, entries: list[dict[str, Any]], shape: list[int], workers: int):
-        reader = _ShardReader(root, entries, shape)
+    def __init__(self, root: str, entries: list[dict[str, Any]], shape: list[int], workers: int,
+                 decode: dict | None = None):
+        reader = _ShardReader(root, entries, shape, decode)
         if workers == 0 or not entries:
             self._items: Iterator = iter(reader)
         else:

@@ -11,6 +11,13 @@ Samples are groups of tar members sharing a key (the member name up to its first
 - latents: `<key>.mu.npy` and `<key>.logsigma.npy`, float32 [κ] each.
 Only these are decoded, through PIL or `np.load(..., allow_pickle=False)`: nothing is ever unpickled,
 and any other extension is a DataError naming the shard and the key.
+
+WebDataset shards written by other tools (`python -m shards index`) are read where they lie: their
+manifest names the shards relative to its own directory, and its optional `decode` field says how to
+read their samples: `{"image": "jpg"}` takes the image from that member and ignores the sample's other
+members (`.cls`, `.json`, `.txt`, ...); `"resize_from": [C, H, W]` says the images are stored at that
+shape and are resized to the manifest's `shape` as they are read (largest centred square, Lanczos,
+antialiased: the builders' own preprocessing), so the stored shape is still checked.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ LATENT_EXTS = ("logsigma.npy", "mu.npy")
 # starts at the first dot of its base name). The writer and the reader both hold keys to this rule.
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 EXT_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")  # an extension: dot-separated words
-_SHARD_RE = re.compile(r"^[A-Za-z0-9_\-]+/[A-Za-z0-9_\-]+\.tar$")
+# A shard's name: a path relative to the manifest's directory ending in .tar (our writer's are
+# `<split>/shard-NNNNNN.tar`; indexed WebDataset shards keep their own names), no '.' or '..' segments.
+_SHARD_RE = re.compile(r"^([A-Za-z0-9_\-][A-Za-z0-9_.\-]*/)*[A-Za-z0-9_\-][A-Za-z0-9_.\-]*\.tar$")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 
 Sample = dict[str, np.ndarray]
@@ -96,8 +105,11 @@ def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> dict:
     else:
         _check(len(shape) == 1, where, "shape", f"latents need [kappa], got {shape}")
     _check(isinstance(manifest["source"], dict), where, "source", "expected an object")
+    if "decode" in manifest:
+        _validate_decode(manifest["decode"], kind, shape, where)
     splits = manifest["splits"]
     _check(isinstance(splits, dict) and len(splits) > 0, where, "splits", "expected a non-empty object")
+    names: set[str] = set()
     for split, entry in splits.items():
         key = f"splits.{split}"
         _check(re.fullmatch(r"[A-Za-z0-9_\-]+", split) is not None, where, key, "bad split name")
@@ -107,14 +119,15 @@ def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> dict:
         shards = entry.get("shards")
         _check(isinstance(shards, list) and len(shards) > 0, where, key + ".shards",
                "expected a non-empty list")
-        names = set()
         for i, sh in enumerate(shards):
             skey = f"{key}.shards[{i}]"
             _check(isinstance(sh, dict), where, skey, "expected an object")
             name = sh.get("name")
-            _check(isinstance(name, str) and _SHARD_RE.match(name) is not None
-                   and name.startswith(split + "/"),
-                   where, skey + ".name", f"expected '{split}/<name>.tar', got {name!r}")
+            _check(isinstance(name, str) and _SHARD_RE.match(name) is not None, where, skey + ".name",
+                   f"expected a relative path '<dir>/<name>.tar' ('{split}/<name>.tar'), got {name!r}")
+            top = name.split("/", 1)[0] if "/" in name else None
+            _check(top is None or top == split or top not in splits, where, skey + ".name",
+                   f"shard {name!r} of split {split!r} lies in the folder of split {top!r}")
             _check(name not in names, where, skey + ".name", f"duplicate shard {name!r}")
             names.add(name)
             _check(_is_int(sh.get("count")) and sh["count"] > 0, where, skey + ".count",
@@ -125,6 +138,20 @@ def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> dict:
         _check(total == entry["count"], where, key + ".count",
                f"{entry['count']} != {total}, the sum over its shards")
     return manifest
+
+
+def _validate_decode(decode: Any, kind: str, shape: list[int], where: str) -> None:
+    _check(kind == "image" and isinstance(decode, dict), where, "decode", "expected an object, for images only")
+    unknown = sorted(set(decode) - {"image", "resize_from"})
+    _check(not unknown, where, "decode", f"unknown field(s) {unknown}")
+    _check(decode.get("image") in IMAGE_EXTS, where, "decode.image", f"expected one of {list(IMAGE_EXTS)}, "
+           f"got {decode.get('image')!r}")
+    if "resize_from" in decode:
+        stored = decode["resize_from"]
+        _check(isinstance(stored, list) and len(stored) == 3 and all(_is_int(s) and s > 0 for s in stored),
+               where, "decode.resize_from", f"expected [C,H,W], got {stored!r}")
+        _check(stored[0] == shape[0] and shape[1] == shape[2], where, "decode.resize_from",
+               f"resizing {stored} needs a square shape with the same channels, got {shape}")
 
 
 def read_manifest(root_url: str) -> dict:
@@ -171,6 +198,26 @@ def encode_image(arr: np.ndarray) -> bytes:
     Image.fromarray(np.ascontiguousarray(arr), mode="L" if arr.ndim == 2 else "RGB").save(
         buf, format="PNG", compress_level=6, optimize=False)
     return buf.getvalue()
+
+
+ENCODINGS = ("png", "npy")  # how builders store images: PNG (compression 6) or raw uint8 HWC .npy
+
+
+def encode_image_as(arr: np.ndarray, encoding: str) -> bytes:
+    """A uint8 image (HW, HWx1 or HWx3) as the member `<key>.<encoding>`: PNG bytes, or `.npy` of the
+    uint8 HWC array (no compression: decoding is a copy, at ~3-10x the bytes of a PNG)."""
+    if encoding == "png":
+        return encode_image(arr)
+    if encoding != "npy":
+        raise ValueError(f"encode_image_as: encoding {encoding!r} is not one of {ENCODINGS}")
+    arr = np.asarray(arr)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"encode_image_as: expected uint8, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if not (arr.ndim == 3 and arr.shape[2] in (1, 3)):
+        raise ValueError(f"encode_image_as: expected HW, HWx1 or HWx3, got shape {arr.shape}")
+    return encode_npy(arr)
 
 
 def encode_npy(arr: np.ndarray) -> bytes:
@@ -240,15 +287,26 @@ def _load_npy(data: bytes, where: str) -> np.ndarray:
         raise DataError(f"{where}: unreadable .npy ({e})") from e
 
 
-def _decode_image(where: str, ext: str, data: bytes, shape: list[int]) -> np.ndarray:
-    c, h, w = shape
+_PIL_FORMATS = {"png": ("PNG",), "jpg": ("JPEG",), "jpeg": ("JPEG",)}
+
+
+def decode_image(where: str, ext: str, data: bytes, shape: list[int] | None = None) -> np.ndarray:
+    """One image member (`ext` one of IMAGE_EXTS) as uint8 [C,H,W]; with `shape` it must have that shape."""
+    if ext not in IMAGE_EXTS:
+        raise DataError(f"{where}: .{ext} is not an image extension ({list(IMAGE_EXTS)})")
+    return _decode_image(where, ext, data, shape)
+
+
+def _decode_image(where: str, ext: str, data: bytes, shape: list[int] | None) -> np.ndarray:
     if ext == "npy":
         arr = _load_npy(data, where)
         if arr.dtype != np.uint8:
             raise DataError(f"{where}: expected uint8 .npy, got {arr.dtype}")
     else:
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            # only the format the extension names: PIL would otherwise open any format it knows (EPS runs
+            # Ghostscript), and indexed shards come from other tools
+            with Image.open(io.BytesIO(data), formats=_PIL_FORMATS[ext]) as img:
                 if img.mode not in ("L", "RGB"):
                     raise DataError(f"{where}: image mode {img.mode!r}; expected 'L' or 'RGB'")
                 arr = np.asarray(img)
@@ -258,17 +316,51 @@ def _decode_image(where: str, ext: str, data: bytes, shape: list[int]) -> np.nda
             raise DataError(f"{where}: undecodable .{ext} ({type(e).__name__}: {e})") from e
         if arr.ndim == 2:
             arr = arr[:, :, None]
-    if arr.shape != (h, w, c):
+    if arr.ndim != 3:
+        raise DataError(f"{where}: image array of shape {tuple(arr.shape)}; expected HWC")
+    if shape is not None and arr.shape != (shape[1], shape[2], shape[0]):
+        c, h, w = shape
         raise DataError(f"{where}: image shape {tuple(arr.shape)} (HWC); the manifest says {(h, w, c)}")
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def decode_sample(shard_url: str, key: str, files: dict[str, bytes], kind: str, shape: list[int]) -> Sample:
+def resize_square(img: Image.Image, side: int) -> Image.Image:
+    """The largest centred square of `img` (odd leftovers go to the right/bottom), resized to `side` with
+    Lanczos filtering; Pillow widens the filter by the scale factor when shrinking (antialiased)."""
+    w, h = img.size
+    if (w, h) == (side, side):
+        return img
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    if (w, h) != (s, s):
+        img = img.crop((left, top, left + s, top + s))
+    return img.resize((side, side), Image.Resampling.LANCZOS, reducing_gap=None)
+
+
+def _resized(arr: np.ndarray, side: int) -> np.ndarray:
+    """uint8 HWC `arr` through `resize_square`."""
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
+    out = np.asarray(resize_square(img, side))
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def decode_sample(shard_url: str, key: str, files: dict[str, bytes], kind: str, shape: list[int],
+                  decode: dict | None = None) -> Sample:
     """Decode one sample's files into numpy arrays, checking extensions, shape and dtype.
 
     Returns {"image": uint8 [C,H,W]} for images, {"mu", "log_sigma": float32 [κ]} for latents.
+    `decode` is the manifest's optional field of that name (indexed WebDataset shards, module docstring).
     """
     where = f"{shard_url}: sample {key!r}"
+    if kind == "image" and decode is not None:
+        ext = decode["image"]
+        if ext not in files:
+            raise DataError(f"{where}: no .{ext} member (has {sorted(files)}); the manifest reads images from .{ext}")
+        stored = decode.get("resize_from")
+        if stored is None:
+            return {"image": _decode_image(where, ext, files[ext], shape)}
+        arr = _decode_image(where, ext, files[ext], stored).transpose(1, 2, 0)
+        return {"image": np.ascontiguousarray(_resized(arr, shape[1]).transpose(2, 0, 1))}
     if kind == "image":
         unknown = sorted(set(files) - set(IMAGE_EXTS))
         if unknown:

@@ -71,9 +71,14 @@ def _params(resolution: int, train: int, test: int, samples_per_shard: int, seed
 
 
 def build_synthetic(root_url: str, resolution: int = 32, train: int = 8192, test: int = 1024,
-                    samples_per_shard: int = 512, seed: int = 0) -> dict:
-    """Generate the dataset into `root_url` (shards first, manifest last); returns the manifest."""
+                    samples_per_shard: int = 512, seed: int = 0, encoding: str = "png") -> dict:
+    """Generate the dataset into `root_url` (shards first, manifest last); returns the manifest.
+
+    `encoding` (shardformat.ENCODINGS) changes how samples are stored, not their pixels: it is recorded
+    in `source`, outside `params`, so `ensure_synthetic` accepts either."""
     params = _params(resolution, train, test, samples_per_shard, seed)
+    if encoding not in shardformat.ENCODINGS:
+        raise DataError(f"synthetic: encoding: {encoding!r} is not one of {list(shardformat.ENCODINGS)}")
     splits = {}
     for split, count in (("train", train), ("test", test)):
         rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_STREAMS[split]]))
@@ -82,11 +87,12 @@ def build_synthetic(root_url: str, resolution: int = 32, train: int = 8192, test
                 n = min(_CHUNK, count - start)
                 images = disc_images(sample_factors(rng, n, resolution), resolution)
                 for i in range(n):
-                    writer.add(f"{split}-{start + i:08d}", {"png": shardformat.encode_image(images[i])})
+                    writer.add(f"{split}-{start + i:08d}", {encoding: shardformat.encode_image_as(images[i], encoding)})
         splits[split] = writer.close()
     source = {
         "generator": GENERATOR,
         "params": params,
+        "encoding": encoding,
         "factors": {"x": "uniform centre column, pixels", "y": "uniform centre row, pixels",
                     "radius": f"uniform in {list(RADIUS)} x resolution", "hue": f"uniform in [0, {HUE_MAX:.4g}), HSV"},
         "background": list(BACKGROUND),

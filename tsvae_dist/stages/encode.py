@@ -124,7 +124,8 @@ def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
         if skipped:
             log.info("encode %s: rank %d skips %d finished shard(s)", split, info.rank, skipped)
     entries = [e for split in SPLITS for e in todo[split]]
-    with ShardPrefetcher(cfg.dataset_root, entries, list(data["shape"]), cfg.eval.workers) as decoded:
+    with ShardPrefetcher(cfg.dataset_root, entries, list(data["shape"]), cfg.eval.workers,
+                         data.get("decode")) as decoded:
         model = load_trained(cfg, "stage1", artifact).to(info.device)
         for split in SPLITS:
             encode_split(cfg, info, split, data["splits"][split]["shards"], todo[split], decoded, model, encoder_sha,

@@ -181,7 +181,8 @@ def _run_units(cfg: RunConfig, info: dist.DistInfo, data: dict[str, Any], units:
     mine = [k for k in range(info.rank, len(units), info.world_size) if unit_id(units[k]) not in done]
     test_entries = [shards[units[k][1]] for k in mine if units[k][0] == "test"]
     pending = set(mine)
-    with ShardPrefetcher(cfg.dataset_root, test_entries, list(data["shape"]), cfg.eval.workers) as decoded:
+    with ShardPrefetcher(cfg.dataset_root, test_entries, list(data["shape"]), cfg.eval.workers,
+                         data.get("decode")) as decoded:
         for r in range(-(-len(units) // info.world_size)):
             if dist.any_rank(stop.is_set(), info.device):
                 store.save(sums)
@@ -221,7 +222,8 @@ def _grids(cfg: RunConfig, data: dict[str, Any], stage1: torch.nn.Module, stage2
            device: torch.device) -> dict[str, torch.Tensor]:
     """The report's image grids: the first test images over their reconstructions; the first samples."""
     n = cfg.eval.grid_images
-    keys, images = decode_image_shard(cfg.dataset_root, data["splits"]["test"]["shards"][0], list(data["shape"]))
+    keys, images = decode_image_shard(cfg.dataset_root, data["splits"]["test"]["shards"][0], list(data["shape"]),
+                                      data.get("decode"))
     x = unit_float(images[:max(1, n // 2)]).to(device)
     with precision.autocast(cfg.stage1.precision, device):
         recon = stage1.decode(stage1.encode(x)[0])

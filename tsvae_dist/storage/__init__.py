@@ -419,7 +419,11 @@ def register_webdataset_opener(schemes: tuple[str, ...] = WDS_SCHEMES) -> list[s
     """
     import sys
 
-    import webdataset  # noqa: F401  (loads webdataset.gopen)
+    try:
+        import webdataset  # noqa: F401  (loads webdataset.gopen)
+    except ImportError as e:
+        raise ImportError("register_webdataset_opener needs webdataset: pip install 'tsvae-dist[webdataset]' "
+                          "(or webdataset==1.0.2)") from e
 
     table = sys.modules["webdataset.gopen"].gopen_schemes
     registered = []
