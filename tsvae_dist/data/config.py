@@ -45,6 +45,20 @@ class LoaderConfig:
     """Debugging: a local directory; each rank appends one JSON line {epoch, step, keys} per batch to
     `rank-<rank>.jsonl` there. "" records nothing."""
 
+    def validate_split(self, split_entry: dict, split: str, root: str, global_batch: int, world: int) -> None:
+        """Raise ConfigError when a split's shards cannot feed these streams (messages as `validate`'s).
+
+        Checked by the loader and, before any job is submitted, by the launcher on the dataset it just read.
+        """
+        streams, shards = self.resolve_streams(world), len(split_entry["shards"])
+        if shards < streams:
+            raise ConfigError(f"streams: {streams} streams but split {split!r} of {root} has only {shards} "
+                              f"shards; use at most {shards} streams (fewer ranks or workers) or re-shard with "
+                              "fewer samples per shard")
+        if split_entry["count"] // global_batch < 1:
+            raise ConfigError(f"streams: the global batch {global_batch} exceeds the {split_entry['count']} "
+                              f"samples of split {split!r}")
+
     def resolve_streams(self, world: int) -> int:
         """The number of streams actually used for `world` ranks."""
         return self.streams if self.streams > 0 else world * max(self.workers, 1)

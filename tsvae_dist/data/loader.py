@@ -325,14 +325,11 @@ class StreamLoader:
         self._per_rank = self.streams // world
         entry = self.manifest["splits"][split]
         self._shards = entry["shards"]
-        if len(self._shards) < self.streams:
-            raise ConfigError(f"loader.streams: {self.streams} streams but split {split!r} of {self.root} "
-                              f"has only {len(self._shards)} shards; use at most {len(self._shards)} streams "
-                              "(fewer ranks or workers) or re-shard with fewer samples per shard")
+        try:
+            cfg.validate_split(entry, split, self.root, global_batch, world)
+        except ConfigError as e:
+            raise ConfigError(f"loader.{e}") from None
         self.steps_per_epoch = entry["count"] // global_batch
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"global batch {global_batch} exceeds the {entry['count']} samples "
-                              f"of split {split!r}")
         self.skipped: list[str] = []
         """Messages (shard, key, reason) of the samples this rank skipped in the current epoch."""
 
