@@ -332,6 +332,8 @@ class StreamLoader:
         self.steps_per_epoch = entry["count"] // global_batch
         self.skipped: list[str] = []
         """Messages (shard, key, reason) of the samples this rank skipped in the current epoch."""
+        self.skipped_samples = 0
+        """Bad samples this rank skipped in all epochs read so far (the count stage records report)."""
 
     def epoch_plan(self, epoch: int) -> list[list[dict]]:
         """The manifest shard entries each stream (all ranks) reads in `epoch`, in reading order."""
@@ -385,6 +387,7 @@ class StreamLoader:
                 for part in parts:
                     for samples, message in part["_skips"]:
                         skipped += samples
+                        self.skipped_samples += samples
                         self.skipped.append(message)
                         log.warning("loader: skipped %d bad sample(s) (%d of loader.max_skipped_samples=%d this "
                                     "epoch on rank %d): %s", samples, skipped, ep.max_skipped, self.rank, message)

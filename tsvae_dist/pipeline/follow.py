@@ -92,6 +92,8 @@ def duration(seconds: float) -> str:
 def live_progress(cfg: RunConfig, stage: str) -> str:
     """A running stage's progress in one line: samples done/total, samples/s, ETA, loss and γ of training."""
     progress, _ = stage_progress(cfg, stage, running=True)
+    if progress == "-":
+        return "running"
     last = _last_metrics(cfg, stage) if stage in TRAINING_STAGES else None
     if last is None:
         return progress

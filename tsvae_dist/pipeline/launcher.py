@@ -169,7 +169,7 @@ def fid_note(cfg: RunConfig) -> str | None:
     if not storage.exists(cfg.layout.report):
         return None
     status = json.loads(storage.read_text(cfg.layout.report)).get("fid", {}).get("status", "computed")
-    return None if status == "computed" else f"fid: not computed: {status}"
+    return None if status == "computed" else f"fid: {status}"
 
 
 def run_slurm(cfg: RunConfig, stages: list[PlannedStage]) -> None:
