@@ -55,7 +55,8 @@ def _encode(task: tuple[str, str, int, int]) -> tuple[bytes, str]:
     """(PNG, SHA-256 of the source file) of one image; module-level so worker processes can run it."""
     src, rel, channels, resolution = task
     data = read_input(storage.join(src, *rel.split("/")))
-    img = to_channels(decode_image(data, f"{src}: {rel}"), channels)
+    where = f"{src}: {rel}"
+    img = to_channels(decode_image(data, where), channels, where)
     return png(resize(centre_square(img), resolution)), hashlib.sha256(data).hexdigest()
 
 
