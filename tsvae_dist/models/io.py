@@ -32,6 +32,9 @@ def load_model(url: str, stage: str, model_cfg: ModelConfig, channels: int, reso
     The modules are built on the meta device and take every tensor from the artifact: no time is
     spent on a random initialisation that would be overwritten (seconds for the large networks).
     """
+    if artifact is None and not storage.exists(url):
+        raise CheckpointError(f"{url}: no trained {stage} model; run the pipeline for this run_dir first "
+                              "(python launch/submit.py run_dir=...)")
     data = artifact if artifact is not None else storage.read_bytes(url)
     body = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     with torch.device("meta"):
