@@ -40,7 +40,9 @@ class LoaderConfig:
     """How worker processes start: fork (fastest to start), spawn or forkserver."""
     max_skipped_samples: int = 0
     """Bad samples (undecodable, wrong shape or dtype; every sample of a corrupt shard) each rank may
-    skip per epoch, each logged with its shard and key; one more stops the job. 0: the first stops it."""
+    skip per epoch, each logged with its shard and key; one more stops the job. 0: the first stops it.
+    stage1's value is the policy of every stage reading the images: encode and evaluate apply it per
+    rank to their one pass, and each stage records how many it skipped (`skipped_samples`)."""
     record_keys: str = ""
     """Debugging: a local directory; each rank appends one JSON line {epoch, step, keys} per batch to
     `rank-<rank>.jsonl` there. "" records nothing."""
