@@ -144,8 +144,10 @@ def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
             shards = []
             for entry in data["splits"][split]["shards"]:
                 marker = json.loads(storage.read_text(storage.join(out_root, entry["name"] + ".done")))
-                shards.append({"name": marker["name"], "count": marker["count"], "sha256": marker["sha256"]})
                 bad_samples += marker.get("skipped", 0)
+                if marker["count"] == 0:  # every sample of the input shard was bad and skipped
+                    continue
+                shards.append({"name": marker["name"], "count": marker["count"], "sha256": marker["sha256"]})
             splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
         dataset_manifest = manifest_url(cfg.dataset_root)
         finish_dataset(out_root, name=f"{data['name']}-latents", kind="latent", shape=[cfg.model.latent_dim],
