@@ -71,7 +71,7 @@ def test_a_run_allowing_skips_shows_progress_and_tools_read_its_saved_config(tmp
 
     # Progress: a line per stage as it finishes (live ones in between), then the table of stages.
     assert re.search(r"^stage1: finished in \d+:\d\d: 1024/1024 samples, \d+ samples/s, loss \S+, γ \S+$", out, re.M)
-    assert re.search(r"^stage2: finished in \d+:\d\d: 1024/1024 samples, \d+ samples/s, loss \S+, γ \S+$", out, re.M)
+    assert re.search(r"^stage2: finished in \d+:\d\d: (\d+)/\1 samples, \d+ samples/s, loss \S+, γ \S+$", out, re.M)
     assert re.search(r"^encode: finished in \d+:\d\d: 10/10 shards$", out, re.M)
     assert re.search(r"^stage\s+state\s+time\s+progress\n(stage1|encode|stage2|evaluate)\s+finished", out, re.M)
     lines = out.strip().splitlines()

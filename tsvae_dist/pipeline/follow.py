@@ -31,8 +31,10 @@ class StageFailed(RuntimeError):
 
 def _train_total(cfg: RunConfig, stage: str) -> int | None:
     """Samples a training stage consumes in total (epochs x whole global batches per epoch)."""
+    # Stage 2 reads the latents (fewer than the images when bad samples were skipped), once encoded.
+    latents = stage == "stage2" and storage.exists(storage.join(cfg.layout.latents, "manifest.json"))
     try:
-        count = read_manifest(cfg.dataset_root)["splits"]["train"]["count"]
+        count = read_manifest(cfg.layout.latents if latents else cfg.dataset_root)["splits"]["train"]["count"]
     except Exception:  # status must work whatever state the dataset is in
         return None
     train = getattr(cfg, stage)
