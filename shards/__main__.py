@@ -204,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except DataError as e:
+    except DataError as e:  # bad input: a user error, exit 2 as for every command of the project
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -15,6 +15,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -65,13 +66,26 @@ def decode_image(data: bytes, where: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except Exception as e:  # PIL raises many types for corrupt data
-        raise DataError(f"{where}: undecodable image ({type(e).__name__}: {e})") from e
+    except Exception as e:  # PIL raises many types for corrupt data; its messages name the buffer, not the file
+        name = repr(where.rsplit(": ", 1)[-1])
+        message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", lambda _: name, str(e))
+        raise DataError(f"{where}: undecodable image ({type(e).__name__}: {message})") from e
     return img
 
 
-def to_channels(img: Image.Image, channels: int) -> Image.Image:
-    """`img` as 8-bit grey (1 channel) or RGB (3); transparency is dropped, palettes expanded."""
+def to_channels(img: Image.Image, channels: int, where: str = "") -> Image.Image:
+    """`img` as 8-bit grey (1 channel) or RGB (3); transparency is dropped, palettes expanded.
+
+    16-bit grey (modes I;16*, and I as Pillow opens 16-bit PNGs) is scaled to 8 bits (v >> 8): Pillow's
+    own conversion clips it at 255. Other high-depth modes (float, 32-bit) are refused naming `where`.
+    """
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+            raise DataError(f"{where}: a {img.mode} image with values outside 0..65535; convert it to 8 or 16 bit")
+        img = Image.fromarray((values >> 8).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        raise DataError(f"{where}: a floating-point ({img.mode}) image; convert it to 8 or 16 bit")
     return img.convert("L" if channels == 1 else "RGB")
 
 

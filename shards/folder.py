@@ -56,7 +56,8 @@ def _encode(task: tuple[str, str, int, int, str]) -> tuple[bytes, str]:
     """(encoded sample, SHA-256 of the source file) of one image; module-level so worker processes can run it."""
     src, rel, channels, resolution, encoding = task
     data = read_input(storage.join(src, *rel.split("/")))
-    img = to_channels(decode_image(data, f"{src}: {rel}"), channels)
+    where = f"{src}: {rel}"
+    img = to_channels(decode_image(data, where), channels, where)
     return encoded(resize(centre_square(img), resolution), encoding), hashlib.sha256(data).hexdigest()
 
 

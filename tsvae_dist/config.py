@@ -8,6 +8,8 @@ is submitted. The yaml files in `conf/` carry values only. Importing it loads no
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,8 +242,51 @@ def to_container(cfg: RunConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
+def schema_keys(schema: type = RunConfig, prefix: str = "") -> dict[str, bool]:
+    """Every dotted key of the schema -> whether it is open (a dict whose keys are free, e.g. extra_sbatch)."""
+    out: dict[str, bool] = {}
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key, hint = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out[key] = False
+            out.update(schema_keys(hint, key + "."))
+        else:
+            out[key] = typing.get_origin(hint) is dict or hint is dict
+    return out
+
+
+def unknown_key_error(key: str) -> ConfigError:
+    """`key` is not a setting: the error names it and the nearest valid one."""
+    known = schema_keys()
+    near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    if not near:  # a typo in the last part only: compare with the siblings
+        parent, _, leaf = key.rpartition(".")
+        siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+        near = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.5)]
+    hint = f"; did you mean {near[0]}?" if near else "; `python launch/submit.py --cfg job` lists the settings"
+    return ConfigError(f"{key}: unknown setting{hint}")
+
+
+def _check_known(data: Any, known: dict[str, bool], prefix: str = "") -> None:
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if key == "hydra":
+            continue
+        if key not in known:
+            raise unknown_key_error(key)
+        if isinstance(v, dict) and not known[key]:
+            _check_known(v, known, key + ".")
+
+
 def from_container(data: Any) -> RunConfig:
-    """Rebuild a typed RunConfig from a dict or DictConfig, with type checks from the schema."""
+    """Rebuild a typed RunConfig from a dict or DictConfig, with type checks from the schema.
+
+    A key the schema does not have (`+stage1.epoch=3`) is a ConfigError naming it and the nearest
+    valid key: OmegaConf would drop it silently.
+    """
+    plain = OmegaConf.to_container(data, resolve=False) if OmegaConf.is_config(data) else data
+    _check_known(plain, schema_keys())
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
@@ -254,6 +299,18 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: data}
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}}: the inverse of `flatten`."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
 
 
 def register() -> None:

@@ -80,7 +80,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Two-Stage VAE report: {report['dataset']}",
         "",
-        f"Run: `{report['run_dir']}`, {report['test_images']} test images, {report['samples']} samples per FID set.",
+        f"Run: `{report['run_dir']}`, {report['test_images']} test images, "
+        + (f"{report['samples']} samples per FID set." if fid["status"] == "computed"
+           else f"no FID sets (FID {fid['status']})."),
         "",
         "| diagnostic | value |",
         "|---|---|",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.datautil import build_images
 from tests.stagerun import REPO, env, run_stage, tiny_overrides
 
 REPORT_KEYS = {"reconstruction_mse", "gamma_x", "gamma_z", "active_dims", "frechet_to_prior", "fid", "images",
@@ -55,3 +57,41 @@ def test_pipeline_end_to_end_then_skip_done_then_generate(tmp_path: Path) -> Non
     assert len(files) == 10
     for name in files:
         assert (tmp_path / "g1" / name).read_bytes() == (tmp_path / "g2" / name).read_bytes()
+
+
+def test_a_run_allowing_skips_shows_progress_and_tools_read_its_saved_config(tmp_path: Path) -> None:
+    """One skip policy for every stage reading the images; a local run's live progress and final table;
+    FID skipped said last; `generate run_dir=RUN` alone uses the run's own config."""
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    build_images(str(data), train=512, test=128, per_shard=64, resolution=32)
+    (data / "train" / "shard-000002.tar").write_bytes(b"not a tar")  # 64 bad training samples
+    (data / "test" / "shard-000001.tar").write_bytes(b"not a tar")  # 64 bad test samples
+    proc = submit(tiny_overrides(data, run_dir, **{"stage1.loader.max_skipped_samples": 64}))
+    out = proc.stdout
+
+    # Progress: a line per stage as it finishes (live ones in between), then the table of stages.
+    assert re.search(r"^stage1: finished in \d+:\d\d: 1024/1024 samples, \d+ samples/s, loss \S+, γ \S+$", out, re.M)
+    assert re.search(r"^stage2: finished in \d+:\d\d: (\d+)/\1 samples, \d+ samples/s, loss \S+, γ \S+$", out, re.M)
+    assert re.search(r"^encode: finished in \d+:\d\d: 10/10 shards$", out, re.M)
+    assert re.search(r"^stage\s+state\s+time\s+progress\n(stage1|encode|stage2|evaluate)\s+finished", out, re.M)
+    lines = out.strip().splitlines()
+    assert lines[-2].startswith("fid: skipped: eval.inception_weights is not set"), lines[-3:]
+
+    # The same skip policy in encode and evaluate, counted in each record and the report.
+    records = {s: json.loads((run_dir / s / "MANIFEST.json").read_text()) for s in ("stage1", "encode", "evaluate")}
+    assert records["stage1"]["skipped_samples"] > 0
+    assert records["encode"]["skipped_samples"] == 64 and records["evaluate"]["skipped_samples"] == 64
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    assert report["skipped_samples"] == 64 and report["test_images"] == 64
+    assert "skipped 64 bad sample(s)" in "".join(p.read_text() for p in run_dir.glob("logs/*/*_log.err"))
+    markdown = (run_dir / "evaluate" / "report.md").read_text()
+    assert "0 samples per FID set" not in markdown and "no FID sets (FID skipped" in markdown
+
+    # Generate from the run alone: the dataset, model and seed come from run_dir/config.yaml.
+    run_stage("generate", [f"run_dir={run_dir}", "generate.num=3", f"generate.out={tmp_path / 'g'}"])
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    wrong = run_stage("generate", [f"run_dir={run_dir}", "model.width=0.5"], check=False)
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr, wrong.stderr[-2000:]
+    assert wrong.stderr.strip().splitlines() == [
+        f"error: generate: {run_dir}/stage1/model.pt: the stage1 model was trained with model.width=0.25 "
+        "(config: 0.5); use the run's own settings (its config.yaml)"]

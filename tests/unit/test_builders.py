@@ -281,6 +281,32 @@ def test_folder_builder_names_an_undecodable_file(tmp_path, image_folder):
         build_folder(str(image_folder), str(tmp_path / "out"), resolution=16)
 
 
+def test_folder_builder_scales_16_bit_grey_instead_of_clipping(tmp_path):
+    src = tmp_path / "grey16"
+    src.mkdir()
+    ramp = np.tile(np.arange(0, 65536, 4096, dtype=np.uint16), (16, 1))  # 0 .. 61440 across the columns
+    for i in range(6):
+        Image.fromarray(ramp).save(src / f"ramp{i}.png")  # 16-bit grey PNGs (mode I;16)
+    assert Image.open(src / "ramp0.png").mode in ("I;16", "I")
+    for channels in (1, 3):
+        out = str(tmp_path / f"out{channels}")
+        build_folder(str(src), out, resolution=16, channels=channels, test_fraction=0.3)
+        images = [*_samples(out, "train").values(), *_samples(out, "test").values()]
+        assert len(images) == 6
+        for image in images:
+            assert image.shape == (channels, 16, 16)
+            np.testing.assert_array_equal(image[0], (ramp >> 8).astype(np.uint8))  # 0, 16, ..., 240: not all 255
+
+
+def test_folder_builder_names_the_file_not_pillows_buffer(tmp_path):
+    src = tmp_path / "junk"
+    src.mkdir()
+    (src / "bad.png").write_bytes(b"not an image at all")
+    with pytest.raises(DataError) as info:
+        build_folder(str(src), str(tmp_path / "out"), resolution=16)
+    assert "'bad.png'" in str(info.value) and "BytesIO" not in str(info.value)
+
+
 def test_cli_builds_and_verifies(tmp_path, idx_dir, capsys):
     src, _ = idx_dir
     out = str(tmp_path / "fashion")
@@ -288,7 +314,7 @@ def test_cli_builds_and_verifies(tmp_path, idx_dir, capsys):
     assert shards_cli(["verify", out]) == 0
     assert "train: 23 samples in 3 shards OK" in capsys.readouterr().out
     assert shardformat.read_manifest(out)["name"] == "fashion"
-    assert shards_cli(["cifar10", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 1
+    assert shards_cli(["cifar10", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 2
     assert "input file missing" in capsys.readouterr().err
 
 

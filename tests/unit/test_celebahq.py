@@ -122,7 +122,7 @@ def test_aligned_celeba_refuses_to_upsample_unless_asked(tmp_path):
         (src / f"{n:06d}.jpg").write_bytes(buf.getvalue())
     with pytest.raises(DataError, match="256 px is above the 128 px crop.*python -m shards celebahq.*--upsample"):
         build_celeba(str(src), str(tmp_path / "a"), resolution=256)
-    assert shards_cli(["celeba", "--src", str(src), "--out", str(tmp_path / "b"), "--resolution", "256"]) == 1
+    assert shards_cli(["celeba", "--src", str(src), "--out", str(tmp_path / "b"), "--resolution", "256"]) == 2
     m = build_celeba(str(src), str(tmp_path / "c"), resolution=256, upsample=True)
     assert m["shape"] == [3, 256, 256] and "upsampled 128 -> 256" in m["source"]["resize"]
     assert build_celeba(str(src), str(tmp_path / "d"), resolution=128, crop=140)["shape"] == [3, 128, 128]

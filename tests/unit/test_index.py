@@ -121,7 +121,7 @@ def test_samples_of_another_shape_refused_naming_shard_and_key(tmp_path: Path, c
     src = tmp_path / "wds"
     src.mkdir()
     write_wds(str(src / "p-%06d.tar"), 12, odd=7)
-    assert shards_main(["index", str(src)]) == 1
+    assert shards_main(["index", str(src)]) == 2  # a user error: refused before anything is written
     err = capsys.readouterr().err
     assert f"{src / 'p-000001.tar'}: sample 'sample00007': image shape [C,H,W]=[3, 20, 22]" in err
     assert "not one shape" in err

@@ -50,6 +50,7 @@ def test_progress_and_plan_read_the_run_directory(tmp_path):
     storage.write_bytes_atomic(storage.join(layout.checkpoints("stage2"), checkpoint_name(128)), b"x")
     storage.write_text_atomic(layout.metrics("stage2"), json.dumps({"step": 3, "samples": 192}) + "\n")
     assert [s.done for s in plan(cfg)] == [True, False, False, False]
-    progress, last = stage_progress(cfg, "stage2")
+    progress, last = stage_progress(cfg, "stage2", running=True)  # a running stage counts its metrics lines
     assert progress.startswith("192/") and last.endswith(checkpoint_name(128))
+    assert stage_progress(cfg, "stage2")[0].startswith("128/")  # a stopped one: what its checkpoint holds
     assert set(TRAINING_STAGES) <= set(STAGES)

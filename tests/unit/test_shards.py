@@ -10,11 +10,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from shards import synthetic
 from shards.__main__ import main as shards_cli
 from tests.datautil import build_custom, build_images, build_latents, rgb
 from tsvae_dist import storage
-from tsvae_dist.data import shardformat
+from tsvae_dist.data import shardformat, synthetic
 from tsvae_dist.data.writer import ShardWriter, finish_dataset, shard_entry, tar_bytes, write_shard
 from tsvae_dist.errors import DataError
 
@@ -175,7 +174,7 @@ def test_cli_builds_and_verifies(tmp_path, capsys):
         byte = f.read(1)
         f.seek(700)
         f.write(bytes([byte[0] ^ 1]))
-    assert shards_cli(["verify", out]) == 1
+    assert shards_cli(["verify", out]) == 2  # bad input data: a user error
     assert "test/shard-000000.tar: sha256" in capsys.readouterr().err
 
 

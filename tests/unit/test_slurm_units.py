@@ -10,7 +10,7 @@ import pytest
 
 from tsvae_dist.cli import compose
 from tsvae_dist.errors import ConfigError
-from tsvae_dist.pipeline.follow import failure_reason, log_error
+from tsvae_dist.pipeline.follow import failure_reason, log_cause, log_error, stage_progress
 from tsvae_dist.pipeline.slurm import JobRecord
 from tsvae_dist.pipeline.submit import Partition, check_cluster
 from tsvae_dist.runtime.preemption import StopFlag, ignore_stop_signals
@@ -50,7 +50,7 @@ def test_log_error_prefers_the_cause_over_a_lost_peer(tmp_path: Path) -> None:
     (tmp_path / "7_1_log.err").write_text(
         "submitit INFO - Starting\nTraceback (most recent call last):\n  File \"loader.py\", line 9, in g\n"
         "    raise DataError(msg)\ntsvae_dist.errors.DataError: train/shard-000003.tar: sha256 mismatch\n")
-    assert log_error(str(tmp_path), "7") == "tsvae_dist.errors.DataError: train/shard-000003.tar: sha256 mismatch"
+    assert log_error(str(tmp_path), "7") == "DataError: train/shard-000003.tar: sha256 mismatch"
     assert log_error(str(tmp_path), "8") is None
 
     failed = JobRecord("7", "FAILED", "1:0", "None", "", "", 1)
@@ -85,3 +85,51 @@ def test_cluster_configs_compose_and_cpu_only_config_refuses_gpus() -> None:
     delay = r"cluster.stage_overrides.stage1.signal_delay_s: must be in \[0, time_min x 60 = 60\)"
     with pytest.raises(ConfigError, match=delay):
         compose(["cluster=dev", "+cluster.stage_overrides.stage1.time_min=1", "cluster.signal_delay_s=90"])
+
+
+def test_log_cause_takes_the_rank_that_raised_first_or_names_a_silently_killed_one(tmp_path: Path) -> None:
+    trace = "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n{}\n"
+    (tmp_path / "5_0_log.err").write_text(trace.format("RuntimeError: a later consequence"))
+    (tmp_path / "5_1_log.err").write_text(trace.format("tsvae_dist.errors.DataError: shard-1.tar key k: bad"))
+    os.utime(tmp_path / "5_1_log.err", (1000, 1000))  # written first
+    assert log_cause(str(tmp_path), "5") == ("DataError: shard-1.tar key k: bad", str(tmp_path / "5_1_log.err"))
+    (tmp_path / "6_0_log.err").write_text(trace.format("torch.distributed.DistBackendError: Connection closed by peer"))
+    (tmp_path / "6_1_log.err").write_text("submitit INFO - Starting\n")  # SIGKILLed: no traceback
+    what, where = log_cause(str(tmp_path), "6")
+    assert what.startswith("task 1 ended without a Python error") and where == str(tmp_path / "6_1_log.err")
+
+
+def test_a_cancelled_chain_says_cancelled_not_dependency_never_satisfied(tmp_path: Path) -> None:
+    cancelled = JobRecord("9", "CANCELLED", "0:0", "None", "", "", 1)
+    for previous in ("CANCELLED", "COMPLETING", "RUNNING"):
+        before = JobRecord("8", previous, "0:15", "None", "", "", 1)
+        assert failure_reason(cancelled, str(tmp_path), ("stage1", before)).startswith("cancelled"), previous
+
+
+def test_progress_of_a_stopped_stage_is_its_checkpoint_not_metrics_past_it(tmp_path: Path) -> None:
+    cfg = compose([f"run_dir={tmp_path}", "stage1.batch_size=64"])
+    (tmp_path / "stage1" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "stage1" / "checkpoints" / "ckpt-000000000640.pt").write_bytes(b"")
+    (tmp_path / "stage1" / "metrics.jsonl").write_text('{"step": 20, "samples": 1280}\n')  # killed after it
+    assert stage_progress(cfg, "stage1")[0].startswith("640/")
+    assert stage_progress(cfg, "stage1", running=True)[0].startswith("1280/")
+
+
+def test_tools_on_a_run_read_its_saved_config_under_explicit_overrides(tmp_path: Path) -> None:
+    from tsvae_dist.cli import compose_for_run
+    from tsvae_dist.pipeline.launcher import freeze_run
+
+    freeze_run(compose([f"run_dir={tmp_path}", "stage1.epochs=2", "model.width=0.25", "seed=7"]))
+    cfg = compose_for_run([f"run_dir={tmp_path}", "action=status", "stage2.epochs=3"])
+    assert (cfg.stage1.epochs, cfg.model.width, cfg.seed, cfg.stage2.epochs, cfg.action) == (2, 0.25, 7, 3, "status")
+    fresh = compose_for_run([f"run_dir={tmp_path / 'new'}", "stage1.epochs=5"])  # no saved config yet
+    assert fresh.stage1.epochs == 5 and fresh.seed == 0
+
+
+def test_an_object_store_run_keeps_its_submitit_logs_out_of_the_current_directory(tmp_path: Path) -> None:
+    from tsvae_dist.pipeline.launcher import log_folder
+
+    cfg = compose(["run_dir=s3://bucket/runs/x", f"eval.cache_dir={tmp_path / 'cache'}"])
+    folder = log_folder(cfg)
+    assert folder.startswith(str(tmp_path / "cache" / "logs" / "bucket_runs_x") + os.sep)
+    assert not folder.startswith(os.path.join(os.getcwd(), "logs"))

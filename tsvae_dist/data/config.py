@@ -42,10 +42,26 @@ class LoaderConfig:
     """How worker processes start: fork (fastest to start), spawn or forkserver."""
     max_skipped_samples: int = 0
     """Bad samples (undecodable, wrong shape or dtype; every sample of a corrupt shard) each rank may
-    skip per epoch, each logged with its shard and key; one more stops the job. 0: the first stops it."""
+    skip per epoch, each logged with its shard and key; one more stops the job. 0: the first stops it.
+    stage1's value is the policy of every stage reading the images: encode and evaluate apply it per
+    rank to their one pass, and each stage records how many it skipped (`skipped_samples`)."""
     record_keys: str = ""
     """Debugging: a local directory; each rank appends one JSON line {epoch, step, keys} per batch to
     `rank-<rank>.jsonl` there. "" records nothing."""
+
+    def validate_split(self, split_entry: dict, split: str, root: str, global_batch: int, world: int) -> None:
+        """Raise ConfigError when a split's shards cannot feed these streams (messages as `validate`'s).
+
+        Checked by the loader and, before any job is submitted, by the launcher on the dataset it just read.
+        """
+        streams, shards = self.resolve_streams(world), len(split_entry["shards"])
+        if shards < streams:
+            raise ConfigError(f"streams: {streams} streams but split {split!r} of {root} has only {shards} "
+                              f"shards; use at most {shards} streams (fewer ranks or workers) or re-shard with "
+                              "fewer samples per shard")
+        if split_entry["count"] // global_batch < 1:
+            raise ConfigError(f"streams: the global batch {global_batch} exceeds the {split_entry['count']} "
+                              f"samples of split {split!r}")
 
     def resolve_streams(self, world: int) -> int:
         """The number of streams actually used for `world` ranks."""

@@ -326,16 +326,15 @@ class StreamLoader:
         self._per_rank = self.streams // world
         entry = self.manifest["splits"][split]
         self._shards = entry["shards"]
-        if len(self._shards) < self.streams:
-            raise ConfigError(f"loader.streams: {self.streams} streams but split {split!r} of {self.root} "
-                              f"has only {len(self._shards)} shards; use at most {len(self._shards)} streams "
-                              "(fewer ranks or workers) or re-shard with fewer samples per shard")
+        try:
+            cfg.validate_split(entry, split, self.root, global_batch, world)
+        except ConfigError as e:
+            raise ConfigError(f"loader.{e}") from None
         self.steps_per_epoch = entry["count"] // global_batch
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"global batch {global_batch} exceeds the {entry['count']} samples "
-                              f"of split {split!r}")
         self.skipped: list[str] = []
         """Messages (shard, key, reason) of the samples this rank skipped in the current epoch."""
+        self.skipped_samples = 0
+        """Bad samples this rank skipped in all epochs read so far (the count stage records report)."""
 
     def epoch_plan(self, epoch: int) -> list[list[dict]]:
         """The manifest shard entries each stream (all ranks) reads in `epoch`, in reading order."""
@@ -389,6 +388,7 @@ class StreamLoader:
                 for part in parts:
                     for samples, message in part["_skips"]:
                         skipped += samples
+                        self.skipped_samples += samples
                         self.skipped.append(message)
                         log.warning("loader: skipped %d bad sample(s) (%d of loader.max_skipped_samples=%d this "
                                     "epoch on rank %d): %s", samples, skipped, ep.max_skipped, self.rank, message)

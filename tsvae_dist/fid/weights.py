@@ -114,24 +114,27 @@ def _local_sha256(path: str) -> str:
 
 
 def check_fid_config(cfg: RunConfig) -> None:
-    """Before any job: with eval.fid=required the weights must be configured, present and verified.
+    """Before any job: weights that are set must exist and match their SHA-256, under eval.fid=auto as under
+    required (`auto` evaluates without FID only when none are set); `required` insists they are set.
 
-    A local file is hashed here (a second, cheap read); a URL is checked by the evaluation job,
-    which downloads it once into eval.cache_dir.
+    A local file is hashed here (a second, cheap read); a URL (also `file://`) is downloaded here, once,
+    into eval.cache_dir, where the evaluation job finds it.
     """
-    if cfg.eval.fid != "required":
+    if cfg.eval.fid == "off":
         return
-    reason = fid_unavailable_reason(cfg)
-    if reason is not None:
-        raise ConfigError(f"eval.inception_weights: eval.fid=required but it is not set; set it to the path or "
-                          f"URL of {STANDARD_FILE} (or eval.fid=auto to evaluate without FID)")
     weights = cfg.eval.inception_weights
+    if not weights:
+        if cfg.eval.fid == "required":
+            raise ConfigError(f"eval.inception_weights: eval.fid=required but it is not set; set it to the path or "
+                              f"URL of {STANDARD_FILE} (or eval.fid=auto to evaluate without FID)")
+        return
     expected = expected_sha256(weights, cfg.eval.inception_sha256 or None)  # ConfigError naming the setting
-    if "://" in weights:
+    if _is_url(weights):
+        fetch_verified(weights, expected, cfg.eval.cache_dir)
         return
     if not storage.exists(weights):
-        raise ConfigError(f"eval.inception_weights: eval.fid=required but '{weights}' does not exist; set it to "
-                          f"the path or URL of {STANDARD_FILE}")
+        raise ConfigError(f"eval.inception_weights: '{weights}' does not exist; set it to the path or URL of "
+                          f"{STANDARD_FILE} (or leave it unset with eval.fid=auto to evaluate without FID)")
     got = _local_sha256(weights)
     if not got.startswith(expected):
         raise ConfigError(f"eval.inception_weights: '{weights}' has SHA-256 {got}, expected {expected}...; "

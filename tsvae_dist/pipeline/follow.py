@@ -17,6 +17,7 @@ from tsvae_dist.config import RunConfig
 from tsvae_dist.data.shardformat import read_manifest
 from tsvae_dist.layout import STAGES, TRAINING_STAGES, checkpoint_samples
 from tsvae_dist.pipeline.slurm import ACTIVE_STATES, JobRecord, SlurmError, accounting, command, latest_jobs
+from tsvae_dist.storage import StorageError
 
 # Lines of a task's error log that report a lost peer, not the cause: another rank's failure.
 _PEER_LOSS = ("DistBackendError", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
@@ -30,16 +31,34 @@ class StageFailed(RuntimeError):
 
 def _train_total(cfg: RunConfig, stage: str) -> int | None:
     """Samples a training stage consumes in total (epochs x whole global batches per epoch)."""
+    # Stage 2 reads the latents (fewer than the images when bad samples were skipped), once encoded.
+    latents = stage == "stage2" and storage.exists(storage.join(cfg.layout.latents, "manifest.json"))
     try:
-        count = read_manifest(cfg.dataset_root)["splits"]["train"]["count"]
+        count = read_manifest(cfg.layout.latents if latents else cfg.dataset_root)["splits"]["train"]["count"]
     except Exception:  # status must work whatever state the dataset is in
         return None
     train = getattr(cfg, stage)
     return train.epochs * (count // train.batch_size) * train.batch_size
 
 
-def stage_progress(cfg: RunConfig, stage: str) -> tuple[str, str]:
-    """(progress, last checkpoint) of a stage, read from its artifacts: samples, shards or the report."""
+def _last_metrics(cfg: RunConfig, stage: str) -> dict | None:
+    """The last line of a training stage's metrics.jsonl (None before the first)."""
+    url = cfg.layout.metrics(stage)
+    if not storage.exists(url):
+        return None
+    lines = storage.read_text(url).strip().splitlines()
+    try:
+        return json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:  # a line being appended right now
+        return json.loads(lines[-2]) if len(lines) > 1 else None
+
+
+def stage_progress(cfg: RunConfig, stage: str, running: bool = False) -> tuple[str, str]:
+    """(progress, last checkpoint) of a stage, read from its artifacts: samples, shards or the report.
+
+    A training stage that is not running has done what its last checkpoint holds (a resume starts
+    there); only a running one counts the metrics lines past it.
+    """
     layout = cfg.layout
     done = layout.is_done(stage)
     if stage in TRAINING_STAGES:
@@ -47,15 +66,13 @@ def stage_progress(cfg: RunConfig, stage: str) -> tuple[str, str]:
         ckpts = sorted((samples, n) for n in storage.listdir(layout.checkpoints(stage))
                        if (samples := checkpoint_samples(n)) is not None)
         seen = ckpts[-1][0] if ckpts else 0
-        metrics = layout.metrics(stage)
-        if storage.exists(metrics):
-            lines = storage.read_text(metrics).strip().splitlines()
-            if lines:
-                seen = max(seen, int(json.loads(lines[-1]).get("samples", 0)))
+        last = _last_metrics(cfg, stage) if running else None
+        if last is not None:
+            seen = max(seen, int(last.get("samples", 0)))
         if done and total is not None:
             seen = total
-        last = storage.join(layout.checkpoints(stage), ckpts[-1][1]) if ckpts else "-"
-        return f"{seen}/{total if total is not None else '?'} samples", last
+        ckpt = storage.join(layout.checkpoints(stage), ckpts[-1][1]) if ckpts else "-"
+        return f"{seen}/{total if total is not None else '?'} samples", ckpt
     if stage == "encode":
         try:
             splits = read_manifest(cfg.dataset_root)["splits"]
@@ -69,6 +86,36 @@ def stage_progress(cfg: RunConfig, stage: str) -> tuple[str, str]:
     return ("report written" if done else "-"), "-"
 
 
+def duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def live_progress(cfg: RunConfig, stage: str) -> str:
+    """A running stage's progress in one line: samples done/total, samples/s, ETA, loss and γ of training."""
+    progress, _ = stage_progress(cfg, stage, running=True)
+    if progress == "-":
+        return "running"
+    last = _last_metrics(cfg, stage) if stage in TRAINING_STAGES else None
+    if last is None:
+        return progress
+    parts = [progress]
+    rate, total = last.get("samples_per_s"), _train_total(cfg, stage)
+    if rate:
+        parts.append(f"{rate:.0f} samples/s")
+        left = total - int(last.get("samples", 0)) if total is not None else 0
+        if left > 0:
+            parts.append(f"ETA {duration(left / rate)}")
+    for key, name in (("loss", "loss"), ("gamma", "γ")):
+        if key in last:
+            parts.append(f"{name} {last[key]:.4g}")
+    return ", ".join(parts)
+
+
+# Our own error types, named by their class alone in a one-line message (their text names the culprit).
+_OWN_ERRORS = re.compile(r"^tsvae_dist\.(?:errors|storage)\.(\w+Error): ")
+
+
 def _exception_line(text: str) -> str | None:
     """The final exception line of the last Python traceback in a log, if any."""
     # torch.distributed prefixes the lines of an uncaught exception with "[rankN]: ".
@@ -78,28 +125,51 @@ def _exception_line(text: str) -> str | None:
         return None
     for ln in lines[starts[-1] + 1:]:
         if ln and not ln[0].isspace() and not ln.startswith("srun:"):
-            return ln.strip()
+            return _OWN_ERRORS.sub(r"\1: ", ln.strip())
     return None
 
 
-def log_error(folder: str, job_id: str) -> str | None:
-    """The exception that ended a job, from its tasks' error logs; a cause beats another rank's lost peer."""
-    found = []
+def log_cause(folder: str, job_id: str) -> tuple[str, str] | None:
+    """(the exception that ended a job, the task log it is in), from the job's task error logs.
+
+    A cause beats another rank's lost peer; of several causes, the one written first (the rank that
+    raised first). When every traceback is a lost peer and a task's log has none, that task died
+    without a Python error (killed by a signal, out of memory): that is the cause.
+    """
+    found, silent = [], []
     if os.path.isdir(folder):
         for name in sorted(os.listdir(folder)):
             if name.startswith(f"{job_id}_") and name.endswith("_log.err"):
-                with open(os.path.join(folder, name), errors="replace") as f:
+                path = os.path.join(folder, name)
+                with open(path, errors="replace") as f:
                     line = _exception_line(f.read())
                 if line:
-                    found.append(line)
-    causes = [ln for ln in found if not any(p in ln for p in _PEER_LOSS)]
-    return (causes or found or [None])[0]
+                    found.append((os.path.getmtime(path), line, path))
+                else:
+                    silent.append(path)
+    causes = sorted(c for c in found if not any(p in c[1] for p in _PEER_LOSS))
+    if causes:
+        return causes[0][1], causes[0][2]
+    if found and silent:
+        task = os.path.basename(silent[0]).split("_")[1]
+        return (f"task {task} ended without a Python error (killed by a signal or out of memory?); "
+                f"the other tasks lost their peer", silent[0])
+    return (found[0][1], found[0][2]) if found else None
+
+
+def log_error(folder: str, job_id: str) -> str | None:
+    """The exception that ended a job, from its tasks' error logs (see `log_cause`)."""
+    cause = log_cause(folder, job_id)
+    return cause[0] if cause else None
 
 
 def failure_reason(rec: JobRecord, folder: str, previous: tuple[str, JobRecord] | None) -> str:
     """Why a job ended without success, in one line."""
     error = log_error(folder, rec.job_id)
-    if rec.state == "CANCELLED" and previous is not None and previous[1].state not in ("COMPLETED",):
+    # A dependent of a failed job is cancelled by Slurm; one whose predecessor was cancelled too (or was still
+    # ending, COMPLETING, when both were cancelled) was cancelled by a person, e.g. action=cancel.
+    if rec.state == "CANCELLED" and previous is not None and \
+            previous[1].state not in ("COMPLETED", "CANCELLED", *ACTIVE_STATES):
         stage, prev = previous
         return f"dependency never satisfied: {stage} (job {prev.job_id}) ended {prev.state}"
     if rec.state == "CANCELLED":
@@ -110,13 +180,24 @@ def failure_reason(rec: JobRecord, folder: str, previous: tuple[str, JobRecord] 
     return f"{rec.state} (exit {rec.exit_code}): {detail}"
 
 
+def _is_done(cfg: RunConfig, stage: str) -> bool:
+    try:
+        return cfg.layout.is_done(stage)
+    except StorageError:
+        return False
+
+
 def stage_rows(cfg: RunConfig) -> list[dict[str, str]]:
     """One row per stage: job, state, attempts, progress, last checkpoint and, on failure, the reason."""
     jobs = latest_jobs(cfg.layout)
     acct = accounting([j for j, _ in jobs.values()])
     rows, previous = [], None
     for stage in STAGES:
-        progress, ckpt = stage_progress(cfg, stage)
+        running = stage in jobs and getattr(acct.get(jobs[stage][0]), "state", "") == "RUNNING"
+        try:
+            progress, ckpt = stage_progress(cfg, stage, running)
+        except StorageError:  # the store is down: the jobs' states and errors still tell the story
+            progress, ckpt = "? (storage unreachable)", "-"
         row = {"stage": stage, "job": "-", "state": "not submitted", "attempts": "-", "progress": progress,
                "checkpoint": ckpt, "reason": ""}
         if stage in jobs:
@@ -129,21 +210,25 @@ def stage_rows(cfg: RunConfig) -> list[dict[str, str]]:
             elif rec.state == "PENDING" and rec.reason not in ("", "None"):
                 row["reason"] = f"pending: {rec.reason}"
             previous = (stage, rec)
-        elif cfg.layout.is_done(stage):
+        elif _is_done(cfg, stage):
             row["state"] = "done"
         rows.append(row)
     return rows
 
 
-def format_status(cfg: RunConfig, rows: list[dict[str, str]]) -> str:
-    cols = ("stage", "job", "state", "attempts", "progress", "checkpoint")
+def table(rows: list[dict[str, str]], cols: tuple[str, ...]) -> str:
+    """Rows as aligned columns under a header; a row's "reason", if any, on a line of its own below it."""
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-    lines = [f"run_dir: {cfg.run_dir}", "  ".join(c.ljust(widths[c]) for c in cols).rstrip()]
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols).rstrip()]
     for r in rows:
         lines.append("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
-        if r["reason"]:
+        if r.get("reason"):
             lines.append(f"  {r['stage']}: {r['reason']}")
     return "\n".join(lines)
+
+
+def format_status(cfg: RunConfig, rows: list[dict[str, str]]) -> str:
+    return f"run_dir: {cfg.run_dir}\n" + table(rows, ("stage", "job", "state", "attempts", "progress", "checkpoint"))
 
 
 def follow(cfg: RunConfig, jobs: dict[str, str], folder: str) -> None:
@@ -179,11 +264,13 @@ def follow(cfg: RunConfig, jobs: dict[str, str], folder: str) -> None:
             last_progress = now
             for s, rec in recs.items():
                 if rec.state == "RUNNING":
-                    progress, ckpt = stage_progress(cfg, s)
+                    try:
+                        progress = live_progress(cfg, s)
+                    except StorageError:  # the store is down: the job itself will say what it could not do
+                        continue
                     if shown_progress.get(s) != progress:
                         shown_progress[s] = progress
-                        tail = f", last checkpoint {ckpt}" if ckpt != "-" else ""
-                        print(f"{s}: {progress}{tail}", flush=True)
+                        print(f"{s}: {progress}", flush=True)
         states = [rec.state for rec in recs.values()]
         if all(st == "COMPLETED" for st in states):
             break

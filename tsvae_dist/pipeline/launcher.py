@@ -9,8 +9,12 @@ at once as a chain of dependent jobs (`submit`) and followed to the end (`follow
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
+import re
+import sys
+import time
 from dataclasses import dataclass
 
 import yaml
@@ -18,7 +22,10 @@ import yaml
 from tsvae_dist import records, storage
 from tsvae_dist.config import RunConfig, stage_cluster, to_container
 from tsvae_dist.data.datasets import ensure_dataset
-from tsvae_dist.layout import STAGES
+from tsvae_dist.data.shardformat import manifest_url
+from tsvae_dist.errors import ConfigError
+from tsvae_dist.fid.weights import check_fid_config
+from tsvae_dist.layout import STAGES, TRAINING_STAGES
 from tsvae_dist.pipeline import follow, submit
 from tsvae_dist.pipeline.task import StageTask
 
@@ -46,16 +53,48 @@ def describe(cfg: RunConfig, stages: list[PlannedStage]) -> str:
     for s in stages:
         what = "done, skipped" if s.done else f"{s.nodes} node(s) x {s.tasks_per_node} task(s)"
         lines.append(f"  {s.name:9s} {what}")
-    lines.append(f"report: {cfg.layout.report}")
     return "\n".join(lines)
 
 
 def log_folder(cfg: RunConfig) -> str:
-    """A fresh submitit folder per pipeline launch (reused folders can return stale results)."""
+    """A fresh submitit folder per pipeline launch (reused folders can return stale results).
+
+    submitit writes its folder with plain file IO and the jobs read their pickled task from it, so it
+    is a local (on a cluster: shared) path: `<run_dir>/logs/` for a local run_dir; for a run_dir on an
+    object store, `<eval.cache_dir>/logs/<run>/` (`~/.cache/tsvae/logs/<run>/` if the cache is remote
+    too), never the current directory.
+    """
     layout = cfg.layout
-    base = layout.logs if layout.is_local else os.path.join("logs", "submitit")
+    if layout.is_local:
+        base = layout.logs
+    else:
+        cache = cfg.eval.cache_dir if "://" not in cfg.eval.cache_dir else os.path.expanduser("~/.cache/tsvae")
+        run = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.run_dir.split("://", 1)[1]).strip("_")
+        base = os.path.join(cache, "logs", run)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     return os.path.abspath(os.path.join(base, stamp))
+
+
+def preflight(cfg: RunConfig) -> None:
+    """What can be checked before anything is written or submitted: the FID weights (a URL is downloaded
+    into eval.cache_dir and hash-checked) and that run_dir can be written."""
+    check_fid_config(cfg)
+    reason = storage.unwritable_reason(cfg.run_dir)
+    if reason is not None:
+        raise ConfigError(f"run_dir: cannot create or write '{cfg.run_dir}': {reason}")
+
+
+def check_dataset(cfg: RunConfig, manifest: dict) -> None:
+    """The training stages' loader settings against the dataset's shards (stage 2 reads one latent
+    shard per image shard), before any job: the check each job's loader would make."""
+    entry = manifest["splits"]["train"]
+    for stage in TRAINING_STAGES:
+        train = getattr(cfg, stage)
+        root = cfg.dataset_root if stage == "stage1" else cfg.layout.latents
+        try:
+            train.loader.validate_split(entry, "train", root, train.batch_size, cfg.world_size(stage))
+        except ConfigError as e:
+            raise ConfigError(f"{stage}.loader.{e}") from None
 
 
 def freeze_run(cfg: RunConfig) -> None:
@@ -75,19 +114,62 @@ def local_executor(cfg: RunConfig, stage: str, folder: str):
     return executor
 
 
+def _watch_local(cfg: RunConfig, stage: str, job) -> None:
+    """Until the local job ends: its progress, from the stage's artifacts (as the Slurm follower reads
+    it), rewritten in place on a terminal, a line every 10 s when not changed otherwise."""
+    tty, shown, last_print = sys.stdout.isatty(), "", 0.0
+    while not job.done():
+        time.sleep(0.5 if tty else 1.0)
+        try:
+            line = f"{stage}: {follow.live_progress(cfg, stage)}"
+        except Exception:  # progress is a courtesy: never let reading it end the run
+            continue
+        now = time.monotonic()
+        if tty:
+            print(f"\r{line}\x1b[K", end="", flush=True)
+        elif line != shown and now - last_print >= 10.0:
+            print(line, flush=True)
+            shown, last_print = line, now
+    if tty:
+        print("\r\x1b[K", end="", flush=True)
+
+
 def run_local(cfg: RunConfig, stages: list[PlannedStage]) -> None:
-    """Run the remaining stages one after the other with submitit's local executor."""
+    """Run the remaining stages one after the other with submitit's local executor, showing progress."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
     folder = log_folder(cfg)
     config = to_container(cfg)
+    rows = []
     for s in stages:
         if s.done:
             print(f"{s.name}: done, skipped")
+            rows.append({"stage": s.name, "state": "done", "time": "-", "progress": "skipped"})
             continue
         job = local_executor(cfg, s.name, folder).submit(StageTask(s.name, config))
         print(f"{s.name}: running as local job {job.job_id} ({s.tasks_per_node} processes), logs in {folder}",
               flush=True)
-        job.results()  # raises with the failing task's traceback
-        print(f"{s.name}: finished", flush=True)
+        started = time.monotonic()
+        _watch_local(cfg, s.name, job)
+        try:
+            job.results()
+        except (FailedJobError, UncompletedJobError):
+            cause = follow.log_cause(folder, job.job_id)
+            what, where = cause if cause else ("its processes ended without a result or an error", folder)
+            raise follow.StageFailed(f"{s.name}: {what} (log: {where})") from None
+        took = follow.duration(time.monotonic() - started)
+        progress = follow.live_progress(cfg, s.name)
+        print(f"{s.name}: finished in {took}: {progress}", flush=True)
+        rows.append({"stage": s.name, "state": "finished", "time": took, "progress": progress})
+    print(follow.table(rows, ("stage", "state", "time", "progress")), flush=True)
+
+
+def fid_note(cfg: RunConfig) -> str | None:
+    """A line saying FID was not computed, and why (from the report), or None when it was."""
+    if not storage.exists(cfg.layout.report):
+        return None
+    status = json.loads(storage.read_text(cfg.layout.report)).get("fid", {}).get("status", "computed")
+    return None if status == "computed" else f"fid: {status}"
 
 
 def run_slurm(cfg: RunConfig, stages: list[PlannedStage]) -> None:
@@ -114,17 +196,24 @@ def run_slurm(cfg: RunConfig, stages: list[PlannedStage]) -> None:
 
 
 def launch(cfg: RunConfig) -> str:
-    """Run or submit the pipeline for a validated config; returns the report URL."""
+    """Check, then run or submit the pipeline for a validated config; returns the report URL."""
+    preflight(cfg)
     stages = plan(cfg)
     if cfg.action == "dry_run":
+        if cfg.dataset.name != "synthetic" or storage.exists(manifest_url(cfg.dataset_root)):
+            check_dataset(cfg, ensure_dataset(cfg.dataset, cfg.dataset_root))  # reads; builds nothing
         print(describe(cfg, stages))
         return cfg.layout.report
+    manifest = ensure_dataset(cfg.dataset, cfg.dataset_root)  # builds the synthetic set once here, not per job
+    check_dataset(cfg, manifest)
     freeze_run(cfg)
-    ensure_dataset(cfg.dataset, cfg.dataset_root)  # builds the synthetic set once here, not in every job
     if cfg.cluster.name == "local":
         run_local(cfg, stages)
     else:
         run_slurm(cfg, stages)
+    note = fid_note(cfg) if cfg.cluster.name == "local" or cfg.cluster.wait else None
+    if note:
+        print(note)
     return cfg.layout.report
 
 
@@ -136,3 +225,4 @@ def status(cfg: RunConfig) -> None:
     if cfg.action == "cancel":
         print("cluster=local: stages run in the foreground; nothing is queued to cancel")
     print(describe(cfg, plan(cfg)))
+    print(f"report: {cfg.layout.report}")

@@ -18,8 +18,10 @@ import os
 import sys
 from typing import Any
 
+from tsvae_dist.errors import CheckpointError, ConfigError, DataError
 from tsvae_dist.layout import stage_module
 from tsvae_dist.runtime.preemption import Preempted, StopFlag, ignore_stop_signals
+from tsvae_dist.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,10 @@ class StageTask:
                 raise
             _requeue_and_exit(e, stop, rank, max_requeues)
             raise  # unreachable: _requeue_and_exit exits or raises
+        except (ConfigError, DataError, CheckpointError, StorageError) as e:
+            # Our errors name their culprit: one plain line in the task's log above submitit's traceback.
+            log.error("error: %s: rank %d: %s", self.stage, rank, e)
+            raise
         # Done: a late notice (a time limit near) must not kill the exiting process, which would fail
         # the finished job and cancel its dependents. Python resets its own handlers as it exits; an
         # ignored signal stays ignored.

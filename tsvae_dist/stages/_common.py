@@ -38,6 +38,7 @@ def commit_trained(cfg: RunConfig, stage: str, result: TrainResult, info: dist.D
     if info.is_main:
         save_model(url, result.model, to_container(cfg), stage, result.samples_seen)
         records.write(cfg, stage, consumed=consumed, produced={"model": records.artifact(url)},
-                      extra={"metrics": result.last_metrics, "samples_seen": result.samples_seen})
+                      extra={"metrics": result.last_metrics, "samples_seen": result.samples_seen,
+                             "skipped_samples": result.skipped_samples})
     dist.barrier()
     return url

@@ -43,6 +43,9 @@ SPLITS = ("train", "test")
 def encode_images(model: torch.nn.Module, images: np.ndarray, chunk: int, precision_name: str,
                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """μ and log σ (float32 [N, κ] each) of uint8 images, encoded in fixed chunks."""
+    if len(images) == 0:  # every sample of the shard was bad (and skipped)
+        kappa = model.encode(torch.zeros(1, *images.shape[1:], device=device))[0].shape[1]
+        return np.zeros((0, kappa), np.float32), np.zeros((0, kappa), np.float32)
     mus, log_sigmas = [], []
     for start in range(0, len(images), chunk):
         x = unit_float(images[start:start + chunk]).to(device, non_blocking=True)
@@ -61,11 +64,12 @@ def _marker_matches(done_url: str, encoder_sha: str, source_sha: str) -> bool:
 
 
 def _write_output(out_root: str, name: str, keys: list[str], mu: np.ndarray, log_sigma: np.ndarray,
-                  encoder_sha: str, source_sha: str) -> None:
+                  encoder_sha: str, source_sha: str, skipped: int) -> None:
     """The latent shard, then its done marker (both atomic: a kill in between leaves no marker)."""
     records = [(key, encode_latent(mu[i], log_sigma[i])) for i, key in enumerate(keys)]
     count, sha = write_shard(storage.join(out_root, name), records)
-    marker = {"name": name, "count": count, "sha256": sha, "encoder": encoder_sha, "source_sha256": source_sha}
+    marker = {"name": name, "count": count, "sha256": sha, "encoder": encoder_sha, "source_sha256": source_sha,
+              "skipped": skipped}  # bad input samples left out (stage1.loader.max_skipped_samples)
     storage.write_text_atomic(storage.join(out_root, name + ".done"), json.dumps(marker))
 
 
@@ -97,11 +101,12 @@ def encode_split(cfg: RunConfig, info: dist.DistInfo, split: str, shards: list[d
             index = r * info.world_size + info.rank
             if index >= len(shards) or shards[index]["name"] not in todo_names:
                 continue
+            before = decoded.skipped
             name, keys, images = next(decoded)
             assert name == shards[index]["name"], f"encode: read {name}, expected {shards[index]['name']}"
             mu, log_sigma = encode_images(model, images, cfg.eval.batch_size, cfg.stage1.precision, info.device)
             writes.append(writer.submit(_write_output, out_root, name, keys, mu, log_sigma, encoder_sha,
-                                        shards[index]["sha256"]))
+                                        shards[index]["sha256"], decoded.skipped - before))
         for w in writes:
             w.result()  # re-raises a failed write
 
@@ -125,7 +130,7 @@ def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
             log.info("encode %s: rank %d skips %d finished shard(s)", split, info.rank, skipped)
     entries = [e for split in SPLITS for e in todo[split]]
     with ShardPrefetcher(cfg.dataset_root, entries, list(data["shape"]), cfg.eval.workers,
-                         data.get("decode")) as decoded:
+                         cfg.stage1.loader.max_skipped_samples, info.rank, data.get("decode")) as decoded:
         model = load_trained(cfg, "stage1", artifact).to(info.device)
         for split in SPLITS:
             encode_split(cfg, info, split, data["splits"][split]["shards"], todo[split], decoded, model, encoder_sha,
@@ -134,11 +139,14 @@ def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
 
     # Rank 0 assembles the latent manifest from the done markers, in the input manifest's order.
     if info.is_main:
-        splits = {}
+        splits, bad_samples = {}, 0
         for split in SPLITS:
             shards = []
             for entry in data["splits"][split]["shards"]:
                 marker = json.loads(storage.read_text(storage.join(out_root, entry["name"] + ".done")))
+                bad_samples += marker.get("skipped", 0)
+                if marker["count"] == 0:  # every sample of the input shard was bad and skipped
+                    continue
                 shards.append({"name": marker["name"], "count": marker["count"], "sha256": marker["sha256"]})
             splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
         dataset_manifest = manifest_url(cfg.dataset_root)
@@ -148,6 +156,7 @@ def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
         records.write(cfg, STAGE,
                       consumed={"dataset": records.artifact(dataset_manifest),
                                 "encoder": {"url": encoder_url, "sha256": encoder_sha}},
-                      produced={"latents": records.artifact(manifest_url(out_root))})
+                      produced={"latents": records.artifact(manifest_url(out_root))},
+                      extra={"skipped_samples": bad_samples})
     dist.barrier()
     return out_root

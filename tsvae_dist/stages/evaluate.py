@@ -25,7 +25,7 @@ import torch
 
 from tsvae_dist import records, storage
 from tsvae_dist.config import RunConfig
-from tsvae_dist.data.prefetch import ShardPrefetcher, decode_image_shard
+from tsvae_dist.data.prefetch import ShardPrefetcher, decode_image_shard, decode_image_shard_skipping
 from tsvae_dist.data.shardformat import manifest_url
 from tsvae_dist.data.workers import unit_float
 from tsvae_dist.fid.evaluator import TEST, FIDEvaluator
@@ -71,15 +71,17 @@ class Sums:
         self.var_sum = torch.zeros(latent_dim, dtype=torch.float64)  # Σ σ² per latent dimension
         self.z, self.u = FeatureStats(latent_dim), FeatureStats(latent_dim)  # aggregated posteriors q(z), q(u)
         self.fid = fid
+        self.skipped = torch.zeros((), dtype=torch.float64)  # bad test samples left out (the loader's skip policy)
         self.done: list[str] = []  # finished units, "test-3" / "samples-12"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sq_err": self.sq_err, "pixels": self.pixels, "var_sum": self.var_sum,
+        return {"sq_err": self.sq_err, "pixels": self.pixels, "var_sum": self.var_sum, "skipped": self.skipped,
                 "z": self.z.state_dict(), "u": self.u.state_dict(), "done": list(self.done),
                 "fid": self.fid.state_dict() if self.fid is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sq_err, self.pixels, self.var_sum = state["sq_err"], state["pixels"], state["var_sum"]
+        self.skipped = state.get("skipped", torch.zeros((), dtype=torch.float64))
         self.z.load_state_dict(state["z"])
         self.u.load_state_dict(state["u"])
         self.done = list(state["done"])
@@ -88,7 +90,7 @@ class Sums:
 
     def all_reduce(self) -> None:
         """Sum over ranks in place (a collective)."""
-        for t in (self.sq_err, self.pixels, self.var_sum):
+        for t in (self.sq_err, self.pixels, self.var_sum, self.skipped):
             dist.all_reduce_sum(t)
         self.z.all_reduce()
         self.u.all_reduce()
@@ -182,7 +184,7 @@ def _run_units(cfg: RunConfig, info: dist.DistInfo, data: dict[str, Any], units:
     test_entries = [shards[units[k][1]] for k in mine if units[k][0] == "test"]
     pending = set(mine)
     with ShardPrefetcher(cfg.dataset_root, test_entries, list(data["shape"]), cfg.eval.workers,
-                         data.get("decode")) as decoded:
+                         cfg.stage1.loader.max_skipped_samples, info.rank, data.get("decode")) as decoded:
         for r in range(-(-len(units) // info.world_size)):
             if dist.any_rank(stop.is_set(), info.device):
                 store.save(sums)
@@ -193,8 +195,10 @@ def _run_units(cfg: RunConfig, info: dist.DistInfo, data: dict[str, Any], units:
                 continue
             kind, index = units[k]
             if kind == "test":
+                before = decoded.skipped
                 name, keys, images = next(decoded)
                 assert name == shards[index]["name"], f"evaluate: read {name}, expected {shards[index]['name']}"
+                sums.skipped += decoded.skipped - before
                 keep = max(0, min(len(keys), n_test - offsets[index]))  # only the first n_test images
                 _test_unit(cfg, info.device, keys[:keep], images[:keep], stage1, stage2, sums)
             else:
@@ -222,8 +226,11 @@ def _grids(cfg: RunConfig, data: dict[str, Any], stage1: torch.nn.Module, stage2
            device: torch.device) -> dict[str, torch.Tensor]:
     """The report's image grids: the first test images over their reconstructions; the first samples."""
     n = cfg.eval.grid_images
-    keys, images = decode_image_shard(cfg.dataset_root, data["splits"]["test"]["shards"][0], list(data["shape"]),
-                                      data.get("decode"))
+    first = data["splits"]["test"]["shards"][0]
+    if cfg.stage1.loader.max_skipped_samples:  # bad samples were skipped (and counted) by the test units
+        keys, images, _ = decode_image_shard_skipping(cfg.dataset_root, first, list(data["shape"]), data.get("decode"))
+    else:
+        keys, images = decode_image_shard(cfg.dataset_root, first, list(data["shape"]), data.get("decode"))
     x = unit_float(images[:max(1, n // 2)]).to(device)
     with precision.autocast(cfg.stage1.precision, device):
         recon = stage1.decode(stage1.encode(x)[0])
@@ -274,7 +281,8 @@ def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
     report = {
         "dataset": cfg.dataset.name,
         "run_dir": cfg.run_dir,
-        "test_images": n_test,
+        "test_images": int(sums.pixels.item()) // math.prod(data["shape"]),
+        "skipped_samples": int(sums.skipped.item()),
         "samples": cfg.eval.num_samples if fid is not None else 0,
         "reconstruction_mse": float(sums.sq_err / sums.pixels),
         "gamma_x": math.exp(stage1.log_gamma.item()) if hasattr(stage1, "log_gamma") else None,
@@ -295,7 +303,7 @@ def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
     storage.write_text_atomic(url, json.dumps(report, indent=2) + "\n")
     storage.write_text_atomic(layout.report_markdown, render_markdown(report))
     records.write(cfg, STAGE, consumed={s: records.artifact(layout.model(s)) for s in TRAINING_STAGES},
-                  produced={"report": records.artifact(url)})
+                  produced={"report": records.artifact(url)}, extra={"skipped_samples": report["skipped_samples"]})
     # The report is committed: the partial sums (of this and of any earlier world size) are no longer needed.
     storage.remove(layout.partial_sums)
     dist.barrier()

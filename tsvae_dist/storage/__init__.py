@@ -258,6 +258,26 @@ def makedirs(url: str) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
+def unwritable_reason(url: str) -> str | None:
+    """Why a directory cannot be created or written at a local `url` (None: it can; object stores are
+    not probed). Leaves nothing behind: the probe file in the nearest existing ancestor is removed."""
+    if not _is_local(url):
+        return None
+    path = os.path.abspath(_local_path(url))
+    ancestor = path
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"{ancestor} is a file, not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".tsvae-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot write in {ancestor}: {e.strerror or e}"
+    return None
+
+
 def listdir(url: str) -> list[str]:
     """Names (not full URLs) of the entries directly under `url`; empty if it does not exist.
 

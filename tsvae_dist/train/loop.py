@@ -50,6 +50,7 @@ class TrainResult:
     samples_seen: int  # training samples consumed in total
     steps: int  # optimizer steps taken in total
     last_metrics: dict[str, float]  # the last logged metrics line
+    skipped_samples: int = 0  # bad samples all ranks skipped in this attempt (loader.max_skipped_samples)
 
 
 def use_sync_bn(cfg: TrainConfig, world_size: int) -> bool:
@@ -199,4 +200,6 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     if bar is not None:
         bar.close()
     metrics_log.close()
-    return TrainResult(model=model, samples_seen=step * cfg.batch_size, steps=step, last_metrics=last_metrics)
+    skipped = int(dist.all_reduce_sum(torch.tensor(float(getattr(loader, "skipped_samples", 0)))).item())
+    return TrainResult(model=model, samples_seen=step * cfg.batch_size, steps=step, last_metrics=last_metrics,
+                       skipped_samples=skipped)
