@@ -65,7 +65,7 @@ def test_a_run_allowing_skips_shows_progress_and_tools_read_its_saved_config(tmp
     data, run_dir = tmp_path / "data", tmp_path / "run"
     build_images(str(data), train=512, test=128, per_shard=64, resolution=32)
     (data / "train" / "shard-000002.tar").write_bytes(b"not a tar")  # 64 bad training samples
-    (data / "test" / "shard-000001.tar").write_bytes(b"not a tar")  # 64 bad test samples
+    (data / "test" / "shard-000001.tar").write_bytes(b"not a tar")  # 64 bad test samples (encode: 128 in all)
     proc = submit(tiny_overrides(data, run_dir, **{"stage1.loader.max_skipped_samples": 64}))
     out = proc.stdout
 
@@ -80,7 +80,7 @@ def test_a_run_allowing_skips_shows_progress_and_tools_read_its_saved_config(tmp
     # The same skip policy in encode and evaluate, counted in each record and the report.
     records = {s: json.loads((run_dir / s / "MANIFEST.json").read_text()) for s in ("stage1", "encode", "evaluate")}
     assert records["stage1"]["skipped_samples"] > 0
-    assert records["encode"]["skipped_samples"] == 64 and records["evaluate"]["skipped_samples"] == 64
+    assert records["encode"]["skipped_samples"] == 128 and records["evaluate"]["skipped_samples"] == 64
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
     assert report["skipped_samples"] == 64 and report["test_images"] == 64
     assert "skipped 64 bad sample(s)" in "".join(p.read_text() for p in run_dir.glob("logs/*/*_log.err"))
