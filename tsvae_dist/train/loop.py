@@ -71,7 +71,8 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     total_steps = cfg.epochs * steps_per_epoch
     stop = stop or StopFlag().install()
 
-    # Set up the model, its replicas on the other ranks and the optimizer.
+    # Set up the kernels, the model, its replicas on the other ranks and the optimizer.
+    precision.configure_kernels(cfg.deterministic, cfg.tf32, info.device)
     model = job.model.to(info.device)  # before converting BN: on CUDA that picks torch's fused SyncBatchNorm
     sync_bn = info.distributed and use_sync_bn(cfg, info.world_size)
     if sync_bn:
