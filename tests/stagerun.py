@@ -96,3 +96,15 @@ def kill_job(proc: subprocess.Popen) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
     proc.wait()
+
+
+def children(pid: int) -> list[int]:
+    """The direct child processes of `pid` (under torchrun: its ranks)."""
+    return [p for p in descendants(pid) if p != pid and _parent(p) == pid]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -44,6 +44,9 @@ class TrainConfig:
     gamma_lr: float = 0.0  # learned γ only: Adam learning rate of log γ, its own param group, on the same
     # halving schedule (0 = lr). A learned log γ moves about one learning rate per step.
     sync_bn: str = "auto"  # on | off | auto (on when the per-rank batch is below 64 and world > 1)
+    deterministic: bool = False  # GPU: deterministic kernels, no cuDNN autotuning (bit-exact resume on CUDA;
+    # slower convolutions). CPU training is deterministic either way
+    tf32: bool = False  # GPU: TF32 matmuls and convolutions (faster on Ampere+, ~1e-3 relative rounding)
     checkpoint_every_steps: int = 500  # save a resumable checkpoint every this many optimizer steps
     keep_checkpoints: int = 2  # committed checkpoints kept (>= 2: the previous survives a bad write)
     log_every_steps: int = 50  # metrics line (JSON + TensorBoard) every this many steps

@@ -287,6 +287,52 @@ def test_stage1_survives_time_limit_signals_and_partition_preemption_bit_for_bit
         assert torch.equal(a[k], b[k]), f"{k} differs from the uninterrupted run"
 
 
+def test_stage1_on_four_nodes_resumes_from_usr1_bit_for_bit(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    """Stage 1 on all 4 nodes (4 ranks: a gradient sum whose order a restart could change shows only with
+    3 or more), stopped by one USR1 at a random step: requeued, resumed at that step, and its final
+    weights and metrics equal a 4-rank torchrun run's bit for bit."""
+    data = tmp_path / "data"
+    extra = {"stage1.epochs": 6, "stage1.log_every_steps": 1, "stage1.checkpoint_every_steps": 1000,
+             "stage1.loader.streams": 4}
+    reference = tmp_path / "reference"
+    ref = subprocess.Popen(stage_command("stage1", tiny_overrides(data, reference, **extra), nproc=4), cwd=REPO,
+                           env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "run"
+    command = [*tiny_overrides(data, run_dir, **extra), "cluster=dev", "nodes=4", "cluster.wait=false",
+               "+cluster.stage_overrides.encode.extra_sbatch={hold:true}"]  # the dependents wait; cancelled below
+    wait_until("the reference run to build the data set", lambda: (data / "manifest.json").exists(), 120)
+    proc = submit(command)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = submissions(run_dir)[0]
+    job = record["jobs"]["stage1"]
+    log = Path(record["log_folder"]) / f"{job}_0_log.err"
+    metrics = run_dir / "stage1" / "metrics.jsonl"
+
+    def step() -> int:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        return json.loads(lines[-1])["step"] if lines else 0
+
+    target = random.Random().randint(3, 20)
+    wait_until(f"step {target}", lambda: step() >= target, 240, every=0.05)
+    slurm("scancel", "--signal=USR1", job)
+    wait_until("stage 1 to finish", lambda: (run_dir / "stage1" / "MANIFEST.json").exists(), 300, every=0.5)
+    events = _events(log)
+    assert [e[0] for e in events] == ["stop", "resume"] and events[0][1] == "SIGUSR1", events
+    assert events[1][2] == events[0][2], events  # resumed at the step it stopped
+    cancel = submit([*command, "action=cancel"])
+    assert cancel.returncode == 0, cancel.stderr
+
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out[-3000:]
+    a, b = load_model(reference / "stage1" / "model.pt"), load_model(run_dir / "stage1" / "model.pt")
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ from the uninterrupted run: {differ[:5]}"
+    lines = [[{k: v for k, v in json.loads(ln).items() if k != "samples_per_s"}
+              for ln in (d / "stage1" / "metrics.jsonl").read_text().splitlines()] for d in (reference, run_dir)]
+    assert lines[0] == lines[1]
+
+
 def test_torchrun_runs_a_stage_with_the_same_config(tmp_path: Path) -> None:
     """Without Slurm: `torchrun --nproc_per_node=2 -m tsvae_dist.encode` with the cluster config unchanged."""
     data, run_dir = tmp_path / "data", tmp_path / "run"

@@ -103,3 +103,21 @@ def test_mixed_precision_trains_with_fp32_loss_terms(tmp_path: Path, data_root: 
     assert lines[-1]["gamma"] < 1.0
     state = torch.load(next((tmp_path / precision / "stage1" / "checkpoints").iterdir()), weights_only=True)
     assert state["scaler"] == {} if precision == "bf16" else state["scaler"]["scale"] > 0  # GradScaler: fp16 only
+
+
+def test_one_vs_three_processes_agree_tightly_with_default_adam_eps(tmp_path: Path, data_root: Path) -> None:
+    """1 vs 3 ranks with Adam's default eps (1e-8): step 1 is the same forward pass and step 2 follows one
+    Adam step from gradients that differ only by the rounding of a 3-way sum, so the losses agree to
+    ~1e-7 relative. (A reduction that dropped or double-counted a rank's share would be off by ~1e-2.)"""
+    extra = {"stage1.log_every_steps": 1, "stage1.sync_bn": "on", "stage1.epochs": 1, "stage1.batch_size": 48,
+             "stage1.loader.streams": 6, "stage1.checkpoint_every_steps": 100}
+    one, three = tmp_path / "one", tmp_path / "three"
+    run_stage("stage1", tiny_overrides(data_root, one, **extra), nproc=1)
+    run_stage("stage1", tiny_overrides(data_root, three, **extra), nproc=3)
+    m1, m3 = metrics(one), metrics(three)
+    assert len(m1) == len(m3) > 2
+    for key in ("loss", "kl", "nll", "mse", "gamma"):
+        assert m1[0][key] == pytest.approx(m3[0][key], rel=1e-7, abs=0), f"step 1 {key}"
+    for key in ("loss", "nll", "mse", "gamma"):
+        assert m1[1][key] == pytest.approx(m3[1][key], rel=2e-7, abs=0), f"step 2 {key}"
+    assert m1[1]["kl"] == pytest.approx(m3[1]["kl"], rel=1e-6), "step 2 kl"

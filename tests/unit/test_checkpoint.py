@@ -61,3 +61,19 @@ def test_changed_config_names_the_keys() -> None:
     with pytest.raises(CheckpointError, match="model.latent_dim, stage1.lr"):
         check_resumable(saved, current, "ckpt")
     check_resumable(saved, saved, "ckpt")
+
+
+def test_added_removed_and_retyped_keys_are_differences() -> None:
+    saved = {"stage1": {"lr": 1e-4, "epochs": 10, "extra": {}}, "model": {"latent_dim": 64}}
+    gained = {"stage1": {"lr": 1e-4, "epochs": 10, "extra": {}, "warmup": 0}, "model": {"latent_dim": 64}}
+    assert config_differences(saved, gained) == ["stage1.warmup"]  # a key the current config gained
+    assert config_differences(gained, saved) == ["stage1.warmup"]  # one it lost
+    lost_section = {"stage1": {"lr": 1e-4, "epochs": 10}, "model": {"latent_dim": 64}}
+    assert config_differences(saved, lost_section) == ["stage1.extra"]  # an empty section counts
+    assert config_differences(saved, {**saved, "model": {}}) == ["model", "model.latent_dim"]
+    retyped = {"stage1": {"lr": 1e-4, "epochs": 10.0, "extra": {}}, "model": {"latent_dim": True}}
+    assert config_differences(saved, retyped) == ["model.latent_dim", "stage1.epochs"]
+    assert config_differences(saved, {"stage1": {"lr": 1e-4, "epochs": 10, "extra": {}},
+                                      "model": {"latent_dim": 64}}) == []
+    with pytest.raises(CheckpointError, match="stage1.warmup"):
+        check_resumable(saved, gained, "ckpt")

@@ -149,3 +149,12 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` stacked in rank order (world, *shape); (1, *shape) in a single process."""
+    if not torch_dist.is_initialized():
+        return tensor.unsqueeze(0)
+    out = [torch.empty_like(tensor) for _ in range(torch_dist.get_world_size())]
+    torch_dist.all_gather(out, tensor.contiguous())
+    return torch.stack(out)

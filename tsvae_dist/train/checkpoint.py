@@ -76,10 +76,34 @@ def resume_config(cfg: RunConfig, stage: str, streams: int) -> dict[str, Any]:
     return {"seed": c["seed"], "dataset": c["dataset"], "model": c["model"], stage: train_cfg}
 
 
+_MISSING = object()
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """`flatten`, except that an empty dict is a leaf of its own: {"a": {}} and {} differ at "a"."""
+    if isinstance(data, dict) and not data and prefix:
+        return {prefix[:-1]: {}}
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return flatten(data, prefix)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of the same type: 1, 1.0 and True are three settings, not one."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    a, b = flatten(saved), flatten(current)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<missing>") != b.get(k, "<missing>"))
+    """Dotted keys added, removed or changed (in value or type) between two nested config dicts."""
+    a, b = _leaves(saved), _leaves(current)
+    return sorted(k for k in a.keys() | b.keys() if not _same(a.get(k, _MISSING), b.get(k, _MISSING)))
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], url: str) -> None:

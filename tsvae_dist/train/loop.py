@@ -1,8 +1,9 @@
 """The distributed training loop shared by stage 1 and stage 2.
 
 A stage hands over a model whose forward returns its loss terms, a deterministic loader and a
-function that turns a batch into model inputs; `train` does the rest: DDP, mixed precision, the
-paper's Adam step schedule, checkpoints with exact resume, preemption, metrics.
+function that turns a batch into model inputs; `train` does the rest: data parallelism with a
+gradient sum in one fixed order (`replicas.py`: a resume is bit-exact on any world size), mixed
+precision, the paper's Adam step schedule, checkpoints with exact resume, preemption, metrics.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from tsvae_dist.config import TrainConfig
 from tsvae_dist.data.loader import StreamLoader
@@ -27,7 +27,8 @@ from tsvae_dist.runtime import dist
 from tsvae_dist.runtime.preemption import Preempted, StopFlag
 from tsvae_dist.train import precision
 from tsvae_dist.train.checkpoint import CheckpointStore, check_resumable
-from tsvae_dist.train.metrics import MetricsLog
+from tsvae_dist.train.metrics import MetricsLog, MetricsWindow
+from tsvae_dist.train.replicas import Replicas
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class TrainJob:
 
 @dataclass
 class TrainResult:
-    model: nn.Module  # the trained module (unwrapped from DDP)
+    model: nn.Module  # the trained module
     samples_seen: int  # training samples consumed in total
     steps: int  # optimizer steps taken in total
     last_metrics: dict[str, float]  # the last logged metrics line
@@ -84,14 +85,13 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     total_steps = cfg.epochs * steps_per_epoch
     stop = stop or StopFlag().install()
 
-    # Set up the model, DDP and the optimizer.
+    # Set up the kernels, the model, its replicas on the other ranks and the optimizer.
+    precision.configure_kernels(cfg.deterministic, cfg.tf32, info.device)
     model = job.model.to(info.device)  # before converting BN: on CUDA that picks torch's fused SyncBatchNorm
-    if info.distributed and use_sync_bn(cfg, info.world_size):
+    sync_bn = info.distributed and use_sync_bn(cfg, info.world_size)
+    if sync_bn:
         model = convert_sync_batchnorm(model)
-    step_model: nn.Module = model
-    if info.distributed:
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
-        step_model = DistributedDataParallel(model, device_ids=device_ids)
+    replicas = Replicas(model, average_buffers=not sync_bn)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     optimizer = precision.adam(param_groups(model, cfg), cfg.lr, betas, cfg.adam_eps, info.device)
     scaler = precision.grad_scaler(cfg.precision, info.device)
@@ -113,8 +113,12 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
             log.info("%s: resuming from %s at step %d/%d", job.name, state["url"], step, total_steps)
     metrics_log = MetricsLog(job.layout.metrics(job.name), job.layout.tensorboard(job.name), step,
                              enabled=info.is_main)
+    window = MetricsWindow()  # the loss terms since the last metrics line, on the device
+    if state is not None:
+        window.load(state.get("window"), info.rank, info.device)
 
     def save() -> None:
+        window_state = window.state()  # a collective: before the rank-0 branch
         if info.is_main:
             store.save(
                 {
@@ -127,6 +131,7 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
                     "step_in_epoch": step % steps_per_epoch,
                     "config": job.resume_config,
                     "world_size": info.world_size,
+                    "window": window_state,
                     # Nothing in the loop draws from the global generators (noise is keyed by sample),
                     # but whatever a model might draw resumes where it stopped.
                     "rng": {"cpu": torch.get_rng_state(),
@@ -147,8 +152,7 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
 
     # Train: the loop runs over (epoch, step-in-epoch) so a resume lands on the exact batch.
     model.train()
-    window: dict[str, torch.Tensor] = {}
-    window_steps, window_start = 0, time.perf_counter()
+    window_start = time.perf_counter()
     last_metrics: dict[str, float] = {}
     while step < total_steps:
         epoch = step // steps_per_epoch
@@ -164,25 +168,21 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
             # One optimizer step.
             inputs = [t.to(info.device, non_blocking=True) for t in job.inputs(batch, epoch)]
             with precision.autocast(cfg.precision, info.device):
-                terms = step_model(*inputs)
+                terms = model(*inputs)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
+            replicas.sync()
             scaler.step(optimizer)
             scaler.update()
             step += 1
 
             # Metrics: averaged over the window's steps and over ranks.
-            for k, v in terms.items():
-                window[k] = window.get(k, 0.0) + v.detach().float().cpu()
-            window_steps += 1
+            window.add(terms)
             if bar is not None:
                 bar.update(cfg.batch_size)
             if step % cfg.log_every_steps == 0 or step == total_steps:
-                names = sorted(window)
-                sums = dist.all_reduce_sum(torch.stack([window[k] for k in names]).double())
-                elapsed = time.perf_counter() - window_start
-                per_step = window_steps * info.world_size
-                last_metrics = {k: float(s) / per_step for k, s in zip(names, sums, strict=True)}
+                elapsed, window_steps = time.perf_counter() - window_start, window.steps
+                last_metrics = window.read(info.world_size)
                 last_metrics.update(
                     lr=lr, epoch=epoch, samples=step * cfg.batch_size,
                     samples_per_s=window_steps * cfg.batch_size / max(elapsed, 1e-9),
@@ -192,7 +192,7 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
                     raise FloatingPointError(f"{job.name}: loss is {last_metrics['loss']} near step {step}")
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_metrics['loss']:.4g}", gamma=f"{last_metrics.get('gamma', 0):.3g}")
-                window, window_steps, window_start = {}, 0, time.perf_counter()
+                window_start = time.perf_counter()
 
             # Checkpoint.
             if step % cfg.checkpoint_every_steps == 0 or step == total_steps:

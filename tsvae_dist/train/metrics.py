@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
+
+import torch
 
 from tsvae_dist import storage
 from tsvae_dist.errors import CheckpointError
+from tsvae_dist.runtime import dist
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +83,44 @@ class MetricsLog:
         self.flush()
         if self.tb is not None:
             self.tb.close()
+
+
+class MetricsWindow:
+    """The loss terms of the steps since the last metrics line, summed on the device (no host sync).
+
+    `read` is the one place the sums reach the host: once per log window, all-reduced over ranks.
+    A checkpoint carries every rank's partial sums (`state`), so a run resumed in the middle of a
+    window writes the same line at its end as an uninterrupted run.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None  # float32 tensor (len(names),) on the device
+        self.steps = 0
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        if not self.names:
+            self.names = sorted(terms)
+        values = torch.stack([terms[k].detach().float() for k in self.names])
+        self.sums = values if self.sums is None else self.sums + values
+        self.steps += 1
+
+    def read(self, world_size: int) -> dict[str, float]:
+        """Means over the window's steps and over ranks (one all-reduce, one copy to the host); resets."""
+        sums = dist.all_reduce_sum(self.sums.double())
+        means = (sums / (self.steps * world_size)).tolist()
+        out = dict(zip(self.names, means, strict=True))
+        self.names, self.sums, self.steps = [], None, 0
+        return out
+
+    def state(self) -> dict[str, Any]:
+        """Every rank's partial sums, gathered (a collective: call on every rank)."""
+        if self.sums is None:
+            return {"names": [], "steps": 0, "sums": None}
+        return {"names": list(self.names), "steps": self.steps, "sums": dist.all_gather(self.sums).cpu()}
+
+    def load(self, state: dict[str, Any] | None, rank: int, device: torch.device) -> None:
+        if not state or state["sums"] is None:
+            return
+        self.names, self.steps = list(state["names"]), int(state["steps"])
+        self.sums = state["sums"][rank].to(device)

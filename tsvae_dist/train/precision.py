@@ -8,6 +8,7 @@ whatever this says (see models/losses.py).
 from __future__ import annotations
 
 import contextlib
+import os
 from contextlib import AbstractContextManager as ContextManager
 
 import torch
@@ -20,6 +21,24 @@ def autocast(precision: str, device: torch.device) -> ContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def configure_kernels(deterministic: bool, tf32: bool, device: torch.device) -> None:
+    """Set the process's kernel policy explicitly (never torch's defaults by accident).
+
+    `tf32`: TF32 tensor cores for matmuls and convolutions (off: full fp32). `deterministic`: cuDNN's
+    deterministic algorithms and torch's deterministic-algorithm mode (an op without one raises), no
+    autotuning; otherwise `cudnn.benchmark` picks the fastest algorithm per shape, which may differ
+    between processes, so a resumed run on CUDA is bit-exact only with `deterministic`.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if device.type == "cuda":
+        if deterministic:  # cuBLAS needs a fixed workspace to be deterministic; read at its first use
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
