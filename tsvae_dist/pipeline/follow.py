@@ -187,9 +187,12 @@ def _is_done(cfg: RunConfig, stage: str) -> bool:
         return False
 
 
-def stage_rows(cfg: RunConfig) -> list[dict[str, str]]:
-    """One row per stage: job, state, attempts, progress, last checkpoint and, on failure, the reason."""
-    jobs = latest_jobs(cfg.layout)
+def stage_rows(cfg: RunConfig, jobs: dict[str, tuple[str, str]] | None = None) -> list[dict[str, str]]:
+    """One row per stage: job, state, attempts, progress, last checkpoint and, on failure, the reason.
+
+    `jobs`: stage -> (job id, log folder); default: the run's latest submissions (`slurm_jobs.json`).
+    """
+    jobs = latest_jobs(cfg.layout) if jobs is None else jobs
     acct = accounting([j for j, _ in jobs.values()])
     rows, previous = [], None
     for stage in STAGES:
@@ -279,7 +282,8 @@ def follow(cfg: RunConfig, jobs: dict[str, str], folder: str) -> None:
             failed_at = failed_at or now
             settled = all(recs[s].state not in ACTIVE_STATES for s in order[order.index(bad[0]):])
             if settled or now - failed_at > 60:  # dependents should end at once (kill-on-invalid-dep)
-                print(format_status(cfg, stage_rows(cfg)), flush=True)
+                # The jobs this follower submitted: the run's job record may sit on a store that is down.
+                print(format_status(cfg, stage_rows(cfg, {s: (j, folder) for s, j in jobs.items()})), flush=True)
                 first = recs[bad[0]]
                 previous = (order[order.index(bad[0]) - 1], recs[order[order.index(bad[0]) - 1]]) \
                     if order.index(bad[0]) > 0 else None
