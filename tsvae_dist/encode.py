@@ -48,11 +48,12 @@ def load_model(cfg: RunConfig, stage: str, artifact: bytes | None = None) -> tor
     """
     data = artifact if artifact is not None else storage.read_bytes(model_url(cfg, stage))
     body = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    gamma = "optimal" if "gamma_ema" in body["model"] else "learned"  # the artifact's γ mode sets its keys
     with torch.device("meta"):
-        if stage == "stage1":  # the γ mode decides the state dict's keys (optimal γ keeps its EMA buffer)
-            model = build_stage1(cfg.model, cfg.dataset.channels, cfg.dataset.resolution, gamma=cfg.stage1.gamma)
+        if stage == "stage1":
+            model = build_stage1(cfg.model, cfg.dataset.channels, cfg.dataset.resolution, gamma=gamma)
         else:
-            model = build_stage2(cfg.model, gamma=cfg.stage2.gamma)
+            model = build_stage2(cfg.model, gamma=gamma)
     model.load_state_dict(body["model"], assign=True)
     empty = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if empty:
