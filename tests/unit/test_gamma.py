@@ -132,15 +132,20 @@ def test_tiny_pipeline_trains_in_each_gamma_mode(tmp_path: Path, mode: str):
              "stage1.loader.workers": 0, "stage2.loader.workers": 0, "eval.workers": 0}
     if mode == "learned":
         extra["stage2.gamma_lr"] = 0.05
-    cfg = compose(tiny_overrides(tmp_path / "data", tmp_path / "run", **extra))
+    run = tmp_path / "run"
+    cfg = compose(tiny_overrides(tmp_path / "data", run, **extra))
     stage1.run(cfg)
     encode.run(cfg)
     stage2.run(cfg)
-    run = tmp_path / "run"
+    other = "learned" if mode == "optimal" else "optimal"
+    other_cfg = compose(tiny_overrides(tmp_path / "data", run, **{**extra, "stage1.gamma": other,
+                                                                   "stage2.gamma": other, "stage2.gamma_lr": 0}))
     for stage in ("stage1", "stage2"):
-        model = load_trained(cfg, stage)  # the evaluate/generate path: built in the same mode
+        model = load_trained(cfg, stage)  # the evaluate/generate path
         gamma = model.log_gamma.exp().item()
         assert 0.0 < gamma < 1.0, (stage, gamma)  # from 1 at the start, in both modes
+        # The artifact, not the config, decides the γ mode it is rebuilt in (its state dict's keys).
+        assert load_trained(other_cfg, stage).log_gamma.exp().item() == gamma
     ckpt = sorted((run / "stage2" / "checkpoints").glob("*.pt"))[-1]
     groups = _state(ckpt)["optimizer"]["param_groups"]
     if mode == "learned":

@@ -24,10 +24,10 @@ def save_model(url: str, model: torch.nn.Module, config: dict[str, Any], stage: 
     storage.write_bytes_atomic(url, storage.torch_save_bytes(body))
 
 
-def load_model(url: str, stage: str, model_cfg: ModelConfig, channels: int, resolution: int, gamma: str = "learned",
+def load_model(url: str, stage: str, model_cfg: ModelConfig, channels: int, resolution: int,
                artifact: bytes | None = None) -> torch.nn.Module:
     """A trained stage model from its artifact at `url` (`artifact`: its bytes, if already read), in eval
-    mode on the CPU. `gamma`: the γ mode it was trained with (learned | optimal).
+    mode on the CPU, in the γ mode it was trained in (its state dict's keys say which).
 
     The modules are built on the meta device and take every tensor from the artifact: no time is
     spent on a random initialisation that would be overwritten (seconds for the large networks).
@@ -37,6 +37,7 @@ def load_model(url: str, stage: str, model_cfg: ModelConfig, channels: int, reso
                               "(python launch/submit.py run_dir=...)")
     data = artifact if artifact is not None else storage.read_bytes(url)
     body = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    gamma = "optimal" if "gamma_ema" in body["model"] else "learned"  # the artifact's γ mode sets its keys
     with torch.device("meta"):
         model = (build_stage1(model_cfg, channels, resolution, gamma=gamma) if stage == "stage1"
                  else build_stage2(model_cfg, gamma=gamma))

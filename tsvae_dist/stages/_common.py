@@ -26,9 +26,8 @@ def ensure_dataset_once(cfg: RunConfig, info: dist.DistInfo) -> dict[str, Any]:
 
 def load_trained(cfg: RunConfig, stage: str, artifact: bytes | None = None) -> torch.nn.Module:
     """The run's trained `stage` model (stage1 or stage2), in eval mode on the CPU."""
-    # The γ mode decides the state dict's keys (optimal γ keeps its EMA buffer).
     return load_model(cfg.layout.model(stage), stage, cfg.model, cfg.dataset.channels, cfg.dataset.resolution,
-                      getattr(cfg, stage).gamma, artifact)
+                      artifact)
 
 
 def commit_trained(cfg: RunConfig, stage: str, result: TrainResult, info: dist.DistInfo,
