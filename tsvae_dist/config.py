@@ -19,8 +19,7 @@ from tsvae_dist import storage
 from tsvae_dist.data.config import DatasetConfig, LoaderConfig
 from tsvae_dist.errors import ConfigError
 from tsvae_dist.layout import STAGES, RunLayout
-from tsvae_dist.models.config import ModelConfig
-from tsvae_dist.models.gamma import GAMMA_MODES
+from tsvae_dist.models.config import GAMMA_MODES, ModelConfig
 
 DATASETS = ("synthetic", "mnist", "fashion", "cifar10", "celeba64", "celeba128", "celeba256", "celebahq128", "folder")
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -8,6 +8,7 @@ from tsvae_dist.errors import ConfigError
 from tsvae_dist.models.geometry import RESOLUTION_ERRORS
 
 FAMILIES = tuple(RESOLUTION_ERRORS)  # stage-1 network families
+GAMMA_MODES = ("learned", "optimal")  # how a stage sets its decoder std γ (models/gamma.py)
 DECODERS = ("gaussian", "cross_entropy")
 CHANNELS = (1, 3)
 

@@ -30,7 +30,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-GAMMA_MODES = ("learned", "optimal")
+from tsvae_dist.models.config import GAMMA_MODES
+
 EMA_DECAY = 0.9  # optimal mode: decay of the MSE average that `log_gamma` reports (≈ the last 10 steps)
 GAMMA_MIN = 1e-6  # optimal mode: γ* never below this (only to keep log γ finite); counted when hit
 
