@@ -10,11 +10,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from shards import synthetic
 from shards.__main__ import main as shards_cli
 from tests.datautil import build_custom, build_images, build_latents, rgb
 from tsvae_dist import storage
-from tsvae_dist.data import shardformat
+from tsvae_dist.data import shardformat, synthetic
 from tsvae_dist.data.writer import ShardWriter, finish_dataset, shard_entry, tar_bytes, write_shard
 from tsvae_dist.errors import DataError
 
