@@ -234,6 +234,8 @@ def test_webdataset_shards_on_s3_indexed_in_place_and_streamed(s3, tmp_path):
     manifest = index_webdataset(f"{root}/shard-{{000000..000002}}.tar", resolution=8, test_shards=1)
     assert storage.listdir(root) == ["manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert manifest["decode"] == {"image": "png", "resize_from": [3, 12, 18]}
+    by_folder = index_webdataset(root, resolution=8, test_shards=1)  # the folder's URL: the same shards
+    assert by_folder["splits"] == manifest["splits"] and by_folder["source"]["shards"] == root
     loader = StreamLoader(root, "train", global_batch=4, rank=0, world=1,
                           cfg=LoaderConfig(workers=2, streams=2, shuffle_buffer=4), seed=0)
     seen = {}
