@@ -68,6 +68,24 @@ def plot_png(curves: dict[str, list[list[float]]], posterior_var: list[float], t
     return buf.getvalue()
 
 
+def split_info(manifest: dict[str, Any]) -> dict[str, Any]:
+    """How many images the dataset's test split holds and where the split came from (its builder's record:
+    e.g. the folder builder's `folders train/ and test/` or its hash rule), for report.json."""
+    source = manifest.get("source") or {}
+    how = source.get("splits")
+    return {"count": int(manifest["splits"]["test"]["count"]), "how": how if isinstance(how, str) else None}
+
+
+def _test_images_line(report: dict[str, Any]) -> str:
+    split = report.get("test_split") or {}
+    parts = []
+    if split.get("count") is not None:
+        parts.append(f"of {split['count']} in the test split")
+    if split.get("how"):
+        parts.append(f"split: {split['how']}")
+    return f"{report['test_images']} test images" + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -80,7 +98,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Two-Stage VAE report: {report['dataset']}",
         "",
-        f"Run: `{report['run_dir']}`, {report['test_images']} test images, "
+        f"Run: `{report['run_dir']}`, {_test_images_line(report)}, "
         + (f"{report['samples']} samples per FID set." if fid["status"] == "computed"
            else f"no FID sets (FID {fid['status']})."),
         "",

@@ -32,7 +32,7 @@ from tsvae_dist.fid.evaluator import TEST, FIDEvaluator
 from tsvae_dist.fid.stats import FeatureStats, frechet_distance
 from tsvae_dist.layout import TRAINING_STAGES
 from tsvae_dist.models.sampling import MODES, grid, png_bytes, sample_images
-from tsvae_dist.report import PAPER_TABLE1, PAPER_TABLE2, plot_png, render_markdown, training_curves
+from tsvae_dist.report import PAPER_TABLE1, PAPER_TABLE2, plot_png, render_markdown, split_info, training_curves
 from tsvae_dist.runtime import dist
 from tsvae_dist.runtime.noise import keyed_normal, stable_seed
 from tsvae_dist.runtime.preemption import Preempted, StopFlag
@@ -282,6 +282,7 @@ def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
         "dataset": cfg.dataset.name,
         "run_dir": cfg.run_dir,
         "test_images": int(sums.pixels.item()) // math.prod(data["shape"]),
+        "test_split": split_info(data),
         "skipped_samples": int(sums.skipped.item()),
         "samples": cfg.eval.num_samples if fid is not None else 0,
         "reconstruction_mse": float(sums.sq_err / sums.pixels),
