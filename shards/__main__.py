@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                       "the folder of images")
     p.add_argument("--resolution", type=int, default=64, help="output side in pixels")
     p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="1: grey, 3: RGB")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="expected share of the test split")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="expected share of the test split, chosen by a hash of each path (default 0.1); only "
+                   "without train/ and test/ (or val/) subfolders, whose split is used when present")
     p.add_argument("--name", default="folder", help="dataset name recorded in the manifest")
     p.add_argument("--workers", type=int, default=1, help="processes decoding and resizing images")
     p.set_defaults(run=_folder)

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from tsvae_dist import storage
 from tsvae_dist.data.config import DatasetConfig, LoaderConfig
 from tsvae_dist.errors import ConfigError
-from tsvae_dist.layout import STAGES, RunLayout
+from tsvae_dist.layout import AGGREGATE, STAGES, RunLayout
 from tsvae_dist.models.config import GAMMA_MODES, ModelConfig
 
 DATASETS = ("synthetic", "mnist", "fashion", "cifar10", "celeba64", "celeba128", "celeba256", "celebahq128", "folder")
@@ -113,6 +113,8 @@ class RunConfig:
     run_dir: str = "runs/default"  # URL of the run directory: configs, checkpoints, artifacts, report
     data_root: str = ".cache/data"  # URL under which datasets without an explicit root live
     seed: int = 0  # seeds initialisation, data order and every noise draw
+    seeds: int = 1  # runs of the pipeline, reported as the paper does (mean ± std): N > 1 runs <run_dir>/seed-<k>/
+    # with seed + k (k < N), then the aggregate job (<run_dir>/aggregate/report.json, report.md); 1 = run_dir itself
     action: str = "run"  # run | dry_run | status | cancel
     nodes: int = 1  # shorthand for cluster.nodes (`nodes=4` on the command line)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -130,6 +132,10 @@ class RunConfig:
         """Every path of the run."""
         return RunLayout(self.run_dir)
 
+    def for_seed(self, k: int) -> RunConfig:
+        """The k-th run of a `seeds` > 1 run: its own run directory `<run_dir>/seed-<k>`, seed `seed + k`."""
+        return dataclasses.replace(self, run_dir=self.layout.seed_dir(k), seed=self.seed + k, seeds=1)
+
     @property
     def dataset_root(self) -> str:
         return self.dataset.root or storage.join(self.data_root, self.dataset.name)
@@ -141,11 +147,14 @@ class RunConfig:
 
 
 def stage_cluster(cluster: ClusterConfig, stage: str) -> ClusterConfig:
-    """The cluster settings of one stage: the defaults with `stage_overrides[stage]` applied."""
+    """The cluster settings of one stage: the defaults with `stage_overrides[stage]` applied. The aggregate
+    job (reading a few report.json files) is always one process on one node, without GPUs."""
     overrides = dict(cluster.stage_overrides.get(stage, {}) or {})
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ClusterConfig)}
     if unknown:
         raise ConfigError(f"cluster.stage_overrides.{stage}: unknown keys {sorted(unknown)}")
+    if stage == AGGREGATE:
+        overrides.update(nodes=1, tasks_per_node=1, gpus_per_node=0)
     return dataclasses.replace(cluster, stage_overrides={}, **overrides)
 
 
@@ -185,6 +194,7 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.dataset.channels in (1, 3), f"dataset.channels: must be 1 or 3, got {cfg.dataset.channels}")
     _check(cfg.action in ("run", "dry_run", "status", "cancel"), f"action: unknown action {cfg.action!r}")
     _check(bool(cfg.run_dir), "run_dir: must be set")
+    _check(isinstance(cfg.seeds, int) and cfg.seeds >= 1, f"seeds: must be an integer >= 1, got {cfg.seeds}")
     cfg.model.validate(cfg.dataset.channels, cfg.dataset.resolution)
 
     c = cfg.cluster

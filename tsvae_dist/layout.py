@@ -10,6 +10,9 @@
       evaluate/ partial/, report.json, report.md, *.png, MANIFEST.json
       generate/<mode>/                   `python -m tsvae_dist.generate` output by default
 
+With `seeds=N` (N > 1) the run directory holds N runs laid out as above, `seed-<k>/` with seed
+`cfg.seed + k` (k = 0 .. N-1), and `aggregate/` (report.json, report.md, MANIFEST.json): their mean ± std.
+
 A stage is done exactly when its MANIFEST.json (its *record*, see `records`) exists. Stages take the
 paths they read and write from a `RunLayout`; none imports another stage to learn them.
 """
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 from tsvae_dist import storage
 
 STAGES = ("stage1", "encode", "stage2", "evaluate")  # the pipeline, in order: module tsvae_dist.stages.<name>
+AGGREGATE = "aggregate"  # with seeds > 1: the job after every seed's pipeline (module tsvae_dist.stages.aggregate)
+JOBS = (*STAGES, AGGREGATE)  # every job module the launcher can run
 TRAINING_STAGES = ("stage1", "stage2")  # stages that train a model (progress in samples, checkpoints)
 RECORD = "MANIFEST.json"  # a stage's completion record (a dataset's own index is `manifest.json`)
 _CHECKPOINT = re.compile(r"^ckpt-(\d{12})\.pt$")
@@ -29,8 +34,8 @@ _CHECKPOINT = re.compile(r"^ckpt-(\d{12})\.pt$")
 
 def stage_module(stage: str) -> str:
     """The module whose `run(cfg)` is the stage's job."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; the pipeline is {STAGES}")
+    if stage not in JOBS:
+        raise ValueError(f"unknown stage {stage!r}; the pipeline is {STAGES} (and {AGGREGATE} over seeds)")
     return f"tsvae_dist.stages.{stage}"
 
 
@@ -120,6 +125,19 @@ class RunLayout:
 
     def partial_sums_of(self, rank: int, world: int) -> str:
         return storage.join(self.partial_sums, f"rank-{rank:05d}-of-{world:05d}.pt")
+
+    # Several seeds (seeds > 1): one run per seed below this one, and their aggregate.
+    def seed_dir(self, k: int) -> str:
+        """The run directory of the k-th seed (seed = cfg.seed + k)."""
+        return storage.join(self.run_dir, f"seed-{k}")
+
+    @property
+    def aggregate_report(self) -> str:
+        return storage.join(self.stage_dir(AGGREGATE), "report.json")
+
+    @property
+    def aggregate_report_markdown(self) -> str:
+        return storage.join(self.stage_dir(AGGREGATE), "report.md")
 
     # Generate.
     def samples(self, mode: str) -> str:

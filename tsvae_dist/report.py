@@ -26,25 +26,81 @@ PAPER_TABLE1 = {
 PAPER_TABLE2 = {"celeba64": {"vae": 63, "wae_mmd": 55, "wae_gan": 42, "two_stage_vae": 34}}
 
 
+def read_metrics(layout: RunLayout, stage: str) -> list[dict[str, Any]]:
+    """The rows of a training stage's metrics.jsonl (one per log window), or [] when it has none."""
+    url = layout.metrics(stage)
+    if not storage.exists(url):
+        return []
+    return [json.loads(ln) for ln in storage.read_text(url).splitlines() if ln.strip()]
+
+
+def curve(rows: list[dict[str, Any]], key: str) -> list[list[float]]:
+    """(samples seen, `key`) pairs of the rows that have it."""
+    return [[r.get("samples", r["step"]), r[key]] for r in rows if key in r]
+
+
 def training_curves(layout: RunLayout) -> dict[str, list[list[float]]]:
     """(samples seen, γ) pairs of each training stage, from its metrics log."""
-    curves = {}
-    for stage in TRAINING_STAGES:
-        url = layout.metrics(stage)
-        if storage.exists(url):
-            rows = [json.loads(ln) for ln in storage.read_text(url).splitlines() if ln.strip()]
-            curves[stage] = [[r.get("samples", r["step"]), r["gamma"]] for r in rows if "gamma" in r]
-    return curves
+    return {stage: curve(rows, "gamma") for stage in TRAINING_STAGES if (rows := read_metrics(layout, stage))}
 
 
-def plot_png(curves: dict[str, list[list[float]]], posterior_var: list[float], threshold: float) -> bytes:
-    """One PNG: γ_x and γ_z over training (log scale), and the mean posterior variance per latent dimension."""
+# A learned log γ whose last window falls by at least this share of Adam's step (lr per step) has not converged.
+FALLING_AT_STEP_SIZE = 0.8
+
+
+def gamma_convergence(rows: list[dict[str, Any]], mode: str, lr_scale: float = 1.0) -> dict[str, Any]:
+    """Whether a learned γ was still falling at the optimiser's maximum rate when training ended.
+
+    With Adam a parameter whose gradient keeps its sign moves by about its learning rate per step, so a
+    log γ that falls by ≈ lr per step over the last metrics window is set by the step size, not by the
+    data. Each row's γ is its window's mean; for a log γ falling linearly the mean sits at the window's
+    centre, so the rate is the change of log γ between the last two windows over their centres' distance.
+    `lr_scale` is log γ's learning rate over the row's `lr` (its own `gamma_lr`). Optimal γ is the batch's
+    closed form and has no step size: it is never flagged.
+    """
+    out: dict[str, Any] = {"mode": mode, "log_gamma_per_step": None, "adam_step": None, "converged": None,
+                           "warning": None}
+    points = [r for r in rows if "gamma" in r and r.get("gamma", 0) > 0]
+    if mode != "learned" or len(points) < 2:
+        return out
+    prev, last = points[-2], points[-1]
+    prev_start = points[-3]["step"] if len(points) > 2 else 0
+    centre_prev, centre_last = (prev_start + prev["step"]) / 2, (prev["step"] + last["step"]) / 2
+    if centre_last <= centre_prev:
+        return out
+    rate = (np.log(last["gamma"]) - np.log(prev["gamma"])) / (centre_last - centre_prev)
+    step = float(last.get("lr", 0.0)) * lr_scale
+    out.update(log_gamma_per_step=float(rate), adam_step=step or None)
+    if step > 0:
+        out["converged"] = bool(-rate < FALLING_AT_STEP_SIZE * step)
+        if not out["converged"]:
+            out["warning"] = (f"not converged: γ_x still falling at Adam's step size (log γ_x {rate:.3g} per step, "
+                              f"lr {step:.3g}); train longer or use stage1.gamma=optimal")
+    return out
+
+
+def prior_verdict(frechet: dict[str, float | None]) -> str | None:
+    """One line: does stage 2 bring the latents closer to N(0, I) (q(u) vs q(z), Fréchet distance)?"""
+    z, u = frechet.get("z"), frechet.get("u")
+    if z is None or u is None:
+        return None
+    if u < z:
+        return f"stage 2 brings the latents closer to N(0,I): q(u) {u:.3g} < q(z) {z:.3g}"
+    return f"stage 2 does not bring the latents closer to N(0,I): q(u) {u:.3g} >= q(z) {z:.3g}"
+
+
+def plot_png(curves: dict[str, list[list[float]]], posterior_var: list[float], threshold: float,
+             stage2_loss: list[list[float]] | None = None) -> bytes:
+    """One PNG: γ_x and γ_z over training (log scale), the mean posterior variance per latent dimension, and
+    (given its points) stage 2's loss over training."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes; set before pyplot is imported
     import matplotlib.pyplot as plt
 
-    fig, (ax_gamma, ax_var) = plt.subplots(1, 2, figsize=(11, 4))
+    panels = 3 if stage2_loss else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+    ax_gamma, ax_var = axes[0], axes[1]
     for stage, label in (("stage1", "γ_x (stage 1)"), ("stage2", "γ_z (stage 2)")):
         points = curves.get(stage) or []
         if points:
@@ -61,11 +117,33 @@ def plot_png(curves: dict[str, list[list[float]]], posterior_var: list[float], t
     ax_var.set(yscale="log", xlabel="latent dimension (sorted)", ylabel="mean posterior variance σ²",
                title=f"active dimensions: {int((values < threshold).sum())} of {len(values)}")
     ax_var.legend()
+    if stage2_loss:
+        xs, ys = zip(*stage2_loss, strict=True)
+        axes[2].plot(xs, ys, color="tab:green")
+        axes[2].set(xlabel="training samples seen", ylabel="loss", title="stage 2 loss over training")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def split_info(manifest: dict[str, Any]) -> dict[str, Any]:
+    """How many images the dataset's test split holds and where the split came from (its builder's record:
+    e.g. the folder builder's `folders train/ and test/` or its hash rule), for report.json."""
+    source = manifest.get("source") or {}
+    how = source.get("splits")
+    return {"count": int(manifest["splits"]["test"]["count"]), "how": how if isinstance(how, str) else None}
+
+
+def _test_images_line(report: dict[str, Any]) -> str:
+    split = report.get("test_split") or {}
+    parts = []
+    if split.get("count") is not None:
+        parts.append(f"of {split['count']} in the test split")
+    if split.get("how"):
+        parts.append(f"split: {split['how']}")
+    return f"{report['test_images']} test images" + (f" ({'; '.join(parts)})" if parts else "")
 
 
 def _fmt(value: Any) -> str:
@@ -74,13 +152,31 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _thinned(points: list[list[float]], n: int) -> list[list[float]]:
+    """At most `n` of `points`, evenly spread, the first and the last always among them."""
+    if len(points) <= n:
+        return points
+    return [points[round(i * (len(points) - 1) / (n - 1))] for i in range(n)]
+
+
+def _stage2_curve_lines(curves: dict[str, list[list[float]]]) -> list[str]:
+    """Stage 2's training curves as a short table (loss and γ_z at up to 8 points over the samples seen)."""
+    loss, gamma = curves.get("loss") or [], dict((x, y) for x, y in curves.get("gamma") or [])
+    if not loss:
+        return []
+    lines = ["## Stage 2 training", "", "| samples seen | loss | γ_z |", "|---|---|---|"]
+    for x, y in _thinned(loss, 8):
+        lines.append(f"| {_fmt(x)} | {_fmt(float(y))} | {_fmt(gamma.get(x))} |")
+    return [*lines, ""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable report.md from report.json's content."""
     a, fid = report["active_dims"], report["fid"]
     lines = [
         f"# Two-Stage VAE report: {report['dataset']}",
         "",
-        f"Run: `{report['run_dir']}`, {report['test_images']} test images, "
+        f"Run: `{report['run_dir']}`, {_test_images_line(report)}, "
         + (f"{report['samples']} samples per FID set." if fid["status"] == "computed"
            else f"no FID sets (FID {fid['status']})."),
         "",
@@ -94,9 +190,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| Fréchet distance q(z) to N(0, I) | {_fmt(report['frechet_to_prior']['z'])} |",
         f"| Fréchet distance q(u) to N(0, I) | {_fmt(report['frechet_to_prior']['u'])} |",
         "",
-        "## FID",
-        "",
     ]
+    verdict = prior_verdict(report["frechet_to_prior"])
+    if verdict:
+        lines += [f"Verdict: {verdict}.", ""]
+    warning = (report.get("stage1_convergence") or {}).get("warning")
+    if warning:
+        lines += [f"**Warning: {warning}.**", ""]
+    lines += _stage2_curve_lines(report.get("stage2_curves") or {})
+    lines += ["## FID", ""]
     if any(k in fid for k in ("reconstructions", "stage1_samples", "stage2_samples")):
         lines += ["| | reconstructions | stage-1 samples | stage-2 samples |", "|---|---|---|---|",
                   f"| ours | {_fmt(fid.get('reconstructions'))} | {_fmt(fid.get('stage1_samples'))} | "

@@ -275,6 +275,55 @@ def test_folder_builder(tmp_path, image_folder, channels):
     assert all(s.shape == (channels, 16, 16) for s in _samples(a, "train").values())
 
 
+def _split_folder(root: Path, layout: dict[str, int]) -> dict[str, list[np.ndarray]]:
+    """Grey PNGs in `root/<folder>/` (count per folder), each a constant image whose value names it."""
+    made: dict[str, list[np.ndarray]] = {}
+    value = 0
+    for folder, n in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            value += 5
+            arr = np.full((16, 16), value, dtype=np.uint8)
+            Image.fromarray(arr).save(root / folder / f"{i:03d}.png")
+            made.setdefault(folder.split("/")[0], []).append(arr)
+    return made
+
+
+@pytest.mark.parametrize("test_folder", ["test", "val"])
+def test_folder_builder_keeps_the_given_split(tmp_path, test_folder):
+    src = tmp_path / "given"
+    made = _split_folder(src, {"train": 7, "train/sub": 2, test_folder: 3})
+    out = str(tmp_path / "out")
+    assert shards_cli(["folder", "--src", str(src), "--out", out, "--resolution", "16", "--channels", "1"]) == 0
+    m = shardformat.read_manifest(out)
+    assert m["splits"]["train"]["count"] == 9 and m["splits"]["test"]["count"] == 3
+    assert m["source"]["split"] == "folders" and m["source"]["splits"] == f"folders train/ and {test_folder}/"
+    test_values = sorted(int(s[0, 0, 0]) for s in _samples(out, "test").values())
+    assert test_values == sorted(int(a[0, 0]) for a in made[test_folder])  # exactly the given test images
+    train_values = sorted(int(s[0, 0, 0]) for s in _samples(out, "train").values())
+    assert train_values == sorted(int(a[0, 0]) for a in made["train"])
+
+
+def test_folder_builder_prefers_test_over_val_and_refuses_strays_and_a_fraction(tmp_path):
+    src = tmp_path / "given"
+    _split_folder(src, {"train": 4, "val": 2, "test": 3})
+    m = build_folder(str(src), str(tmp_path / "a"), resolution=16, channels=1)
+    assert m["splits"]["test"]["count"] == 3 and m["source"]["ignored"] == {"val/": 2}
+    with pytest.raises(DataError, match="drop --test-fraction"):
+        build_folder(str(src), str(tmp_path / "b"), resolution=16, test_fraction=0.2)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(src / "stray.png")
+    with pytest.raises(DataError, match="1 images outside its train/ and test/ split folders.*stray.png"):
+        build_folder(str(src), str(tmp_path / "c"), resolution=16)
+
+
+def test_folder_builder_without_split_folders_splits_by_hash(tmp_path, image_folder):
+    (image_folder / "train").mkdir()  # train/ alone is not a given split
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(image_folder / "train" / "x.png")
+    m = build_folder(str(image_folder), str(tmp_path / "out"), resolution=16)
+    assert m["source"]["split"] == "hash" and m["source"]["test_fraction"] == 0.1
+    assert m["splits"]["train"]["count"] + m["splits"]["test"]["count"] == 31
+
+
 def test_folder_builder_names_an_undecodable_file(tmp_path, image_folder):
     (image_folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(DataError, match="a/broken.png: undecodable image"):

@@ -4,6 +4,11 @@ Stages run in order stage1 → encode → stage2 → evaluate (`layout.STAGES`);
 exists is skipped, so re-running the same command after a failure runs only what is left. Locally
 the stages run one after the other through submitit's local executor; on Slurm they are submitted
 at once as a chain of dependent jobs (`submit`) and followed to the end (`follow`).
+
+With `seeds=N` > 1 the pipeline runs N times, `<run_dir>/seed-<k>/` with seed `seed + k`
+(`RunConfig.for_seed`), each skipping what it has done, then the aggregate job (`layout.AGGREGATE`)
+writes mean ± std over the seeds' reports into `<run_dir>/aggregate/`, skipped when its record exists.
+Locally the seeds run one after another.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from tsvae_dist.data.datasets import ensure_dataset
 from tsvae_dist.data.shardformat import manifest_url
 from tsvae_dist.errors import ConfigError
 from tsvae_dist.fid.weights import check_fid_config
-from tsvae_dist.layout import STAGES, TRAINING_STAGES
+from tsvae_dist.layout import AGGREGATE, STAGES, TRAINING_STAGES
 from tsvae_dist.pipeline import follow, submit
 from tsvae_dist.pipeline.task import StageTask
 
@@ -53,6 +58,19 @@ def describe(cfg: RunConfig, stages: list[PlannedStage]) -> str:
     for s in stages:
         what = "done, skipped" if s.done else f"{s.nodes} node(s) x {s.tasks_per_node} task(s)"
         lines.append(f"  {s.name:9s} {what}")
+    return "\n".join(lines)
+
+
+def describe_seeds(cfg: RunConfig) -> str:
+    """What a seeds > 1 run would do: each seed's stages, then the aggregate job."""
+    lines = [f"run_dir: {cfg.run_dir} ({cfg.seeds} seeds)", f"cluster: {cfg.cluster.name}",
+             f"dataset: {cfg.dataset_root}"]
+    for k in range(cfg.seeds):
+        run = cfg.for_seed(k)
+        lines.append(f"seed-{k} (seed {run.seed}): {run.run_dir}")
+        lines += ["  " + ln for ln in describe(run, plan(run)).splitlines()[3:]]
+    done = cfg.layout.is_done(AGGREGATE)
+    lines.append(f"  {AGGREGATE:9s} " + ("done, skipped" if done else f"1 task, after the {cfg.seeds} seeds' evaluate"))
     return "\n".join(lines)
 
 
@@ -195,9 +213,41 @@ def run_slurm(cfg: RunConfig, stages: list[PlannedStage]) -> None:
         raise
 
 
+def launch_seeds(cfg: RunConfig) -> str:
+    """seeds > 1: every seed's pipeline (one after another locally), then the aggregate; its report URL."""
+    if cfg.action == "dry_run":
+        if cfg.dataset.name != "synthetic" or storage.exists(manifest_url(cfg.dataset_root)):
+            check_dataset(cfg.for_seed(0), ensure_dataset(cfg.dataset, cfg.dataset_root))
+        print(describe_seeds(cfg))
+        return cfg.layout.aggregate_report
+    if cfg.cluster.name != "local":
+        raise ConfigError(f"seeds: {cfg.seeds} seeds are run with cluster=local only for now; on Slurm submit "
+                          "one run per seed (seed=<s> run_dir=<run_dir>/seed-<k>)")
+    manifest = ensure_dataset(cfg.dataset, cfg.dataset_root)
+    runs = [cfg.for_seed(k) for k in range(cfg.seeds)]
+    for run in runs:
+        check_dataset(run, manifest)
+    freeze_run(cfg)
+    for k, run in enumerate(runs):
+        stages = plan(run)
+        if all(s.done for s in stages):
+            print(f"seed-{k} (seed {run.seed}): done, skipped", flush=True)
+            continue
+        print(f"seed-{k} (seed {run.seed}): {run.run_dir}", flush=True)
+        freeze_run(run)
+        run_local(run, stages)
+    run_local(cfg, [PlannedStage(AGGREGATE, cfg.layout.is_done(AGGREGATE), 1, 1)])
+    notes = {note for run in runs if (note := fid_note(run))}
+    for note in sorted(notes):
+        print(note)
+    return cfg.layout.aggregate_report
+
+
 def launch(cfg: RunConfig) -> str:
     """Check, then run or submit the pipeline for a validated config; returns the report URL."""
     preflight(cfg)
+    if cfg.seeds > 1:
+        return launch_seeds(cfg)
     stages = plan(cfg)
     if cfg.action == "dry_run":
         if cfg.dataset.name != "synthetic" or storage.exists(manifest_url(cfg.dataset_root)):
@@ -224,5 +274,9 @@ def status(cfg: RunConfig) -> None:
         return
     if cfg.action == "cancel":
         print("cluster=local: stages run in the foreground; nothing is queued to cancel")
+    if cfg.seeds > 1:
+        print(describe_seeds(cfg))
+        print(f"report: {cfg.layout.aggregate_report}")
+        return
     print(describe(cfg, plan(cfg)))
     print(f"report: {cfg.layout.report}")

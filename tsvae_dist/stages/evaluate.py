@@ -32,7 +32,18 @@ from tsvae_dist.fid.evaluator import TEST, FIDEvaluator
 from tsvae_dist.fid.stats import FeatureStats, frechet_distance
 from tsvae_dist.layout import TRAINING_STAGES
 from tsvae_dist.models.sampling import MODES, grid, png_bytes, sample_images
-from tsvae_dist.report import PAPER_TABLE1, PAPER_TABLE2, plot_png, render_markdown, training_curves
+from tsvae_dist.report import (
+    PAPER_TABLE1,
+    PAPER_TABLE2,
+    curve,
+    gamma_convergence,
+    plot_png,
+    prior_verdict,
+    read_metrics,
+    render_markdown,
+    split_info,
+    training_curves,
+)
 from tsvae_dist.runtime import dist
 from tsvae_dist.runtime.noise import keyed_normal, stable_seed
 from tsvae_dist.runtime.preemption import Preempted, StopFlag
@@ -272,16 +283,26 @@ def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
     posterior_var = (sums.var_sum / max(n_test, 1)).tolist()
     threshold = cfg.eval.active_var_threshold
     curves = training_curves(layout)
+    stage2_rows = read_metrics(layout, "stage2")
+    stage2_curves = {"loss": curve(stage2_rows, "loss"), "gamma": curve(stage2_rows, "gamma")}
+    s1 = cfg.stage1  # log γ_x's learning rate over the schedule's: its own gamma_lr, or the same
+    convergence = gamma_convergence(read_metrics(layout, "stage1"), s1.gamma,
+                                    s1.gamma_lr / s1.lr if s1.gamma_lr else 1.0)
+    frechet = {"z": _prior_distance(sums.z), "u": _prior_distance(sums.u)}
+    if convergence["warning"]:
+        log.warning("evaluate: %s", convergence["warning"])
     files = {}
     for name, batch in _grids(cfg, data, stage1, stage2, info.device).items():
         files[name] = f"{name}.png"
         storage.write_bytes_atomic(storage.join(out_dir, files[name]), png_bytes(grid(batch)))
     files["diagnostics"] = "diagnostics.png"
-    storage.write_bytes_atomic(storage.join(out_dir, files["diagnostics"]), plot_png(curves, posterior_var, threshold))
+    storage.write_bytes_atomic(storage.join(out_dir, files["diagnostics"]), plot_png(curves, posterior_var, threshold,
+                                                                                     stage2_curves["loss"]))
     report = {
         "dataset": cfg.dataset.name,
         "run_dir": cfg.run_dir,
         "test_images": int(sums.pixels.item()) // math.prod(data["shape"]),
+        "test_split": split_info(data),
         "skipped_samples": int(sums.skipped.item()),
         "samples": cfg.eval.num_samples if fid is not None else 0,
         "reconstruction_mse": float(sums.sq_err / sums.pixels),
@@ -291,13 +312,16 @@ def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
             "count": sum(v < threshold for v in posterior_var), "latent_dim": cfg.model.latent_dim,
             "threshold": threshold, "true_dim": data.get("intrinsic_dim"), "posterior_variance": posterior_var,
         },
-        "frechet_to_prior": {"z": _prior_distance(sums.z), "u": _prior_distance(sums.u)},
+        "frechet_to_prior": frechet,
+        "prior_verdict": prior_verdict(frechet),
+        "stage1_convergence": convergence,
         "fid": {"status": fid_status, **fid_result},
         "paper_table1": PAPER_TABLE1.get(cfg.dataset.name),
         "paper_table2": PAPER_TABLE2.get(cfg.dataset.name) if cfg.model.family == "wae" else None,
         "images": files,
         "training": {s: records.read(layout, s).get("metrics", {}) for s in TRAINING_STAGES},
         "gamma_curves": curves,
+        "stage2_curves": stage2_curves,
     }
     url = layout.report
     storage.write_text_atomic(url, json.dumps(report, indent=2) + "\n")

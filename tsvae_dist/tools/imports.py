@@ -10,7 +10,7 @@ units sit on floors (FLOORS below, lowest first; edit it there):
 
     0 errors                   3 config                  6 stages
     1 storage, runtime         4 train, fid, records     7 pipeline, cli, tools
-    2 layout, data, models     5 report                  8 stage1, encode, stage2, evaluate, generate
+    2 layout, data, models     5 report                  8 stage1, encode, stage2, evaluate, generate, aggregate
                                                            (thin ``python -m tsvae_dist.stage1`` entry modules)
 
 Rules:
@@ -50,7 +50,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("report",),
     ("stages",),
     ("pipeline", "cli", "tools"),
-    ("stage1", "encode", "stage2", "evaluate", "generate"),
+    ("stage1", "encode", "stage2", "evaluate", "generate", "aggregate"),
 )
 _STDLIB = frozenset(sys.stdlib_module_names) | {"__future__"}
 
