@@ -104,7 +104,7 @@ def test_fid_world_1_then_cached_reference_and_world_2(tiny_run, world1_report):
     assert len(one["active_dims"]["posterior_variance"]) == 8
     assert one["gamma_curves"]["stage1"] and one["gamma_curves"]["stage2"]
     assert one["stage2_curves"]["loss"] and one["stage2_curves"]["gamma"]
-    assert one["prior_verdict"].startswith("stage 2 ") and one["stage1_convergence"]["mode"] == "learned"
+    assert one["prior_verdict"].startswith("stage 2 ") and one["stage1_convergence"]["mode"] == "optimal"
     assert "Verdict: stage 2 " in markdown and "## Stage 2 training" in markdown
 
     # A later evaluation (world size 2 this time) reads the cached reference, never rewrites it.
