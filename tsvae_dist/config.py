@@ -103,6 +103,10 @@ class ClusterConfig:
     extra_sbatch: dict[str, Any] = field(default_factory=dict)  # further sbatch options, key -> value
     stage_overrides: dict[str, Any] = field(default_factory=dict)  # per stage: {evaluate: {nodes: 1}}
     poll_s: float = 1.0  # how often the launcher polls job states
+    init_timeout_s: float = 1800.0  # collective timeout from process-group start until training's first step
+    # (which compiles, warms up and starts the loaders, at each rank's own pace) and in the other stages
+    collective_timeout_s: float = 300.0  # collective timeout after training's first step: a rank waiting
+    # this long for a dead or stuck peer fails, ending the job (0 = keep init_timeout_s)
     wait: bool = True  # slurm: follow the jobs to the end, printing progress; false: submit and return
     node_gpus: int = -1  # GPUs per node of this cluster: 0 = a CPU-only cluster, -1 = unknown (unchecked)
     setup: list[str] = field(default_factory=list)  # slurm: shell lines each job runs first (module load...)
@@ -228,6 +232,9 @@ def validate(cfg: RunConfig) -> None:
         _check("dependency" not in sc.extra_sbatch,
                f"{where}.extra_sbatch.dependency: the launcher sets the dependencies between stages")
     _check(c.poll_s > 0, f"cluster.poll_s: must be positive, got {c.poll_s}")
+    _check(c.init_timeout_s > 0, f"cluster.init_timeout_s: must be positive, got {c.init_timeout_s}")
+    _check(c.collective_timeout_s >= 0,
+           f"cluster.collective_timeout_s: must be >= 0 (0 = keep init_timeout_s), got {c.collective_timeout_s}")
     validate_train(cfg.stage1, "stage1", cfg.world_size("stage1"))
     validate_train(cfg.stage2, "stage2", cfg.world_size("stage2"))
     _check(cfg.stage1.gamma == "learned" or cfg.model.decoder == "gaussian",

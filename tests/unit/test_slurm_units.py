@@ -50,7 +50,7 @@ def test_log_error_prefers_the_cause_over_a_lost_peer(tmp_path: Path) -> None:
     (tmp_path / "7_1_log.err").write_text(
         "submitit INFO - Starting\nTraceback (most recent call last):\n  File \"loader.py\", line 9, in g\n"
         "    raise DataError(msg)\ntsvae_dist.errors.DataError: train/shard-000003.tar: sha256 mismatch\n")
-    assert log_error(str(tmp_path), "7") == "DataError: train/shard-000003.tar: sha256 mismatch"
+    assert log_error(str(tmp_path), "7") == "rank 1: DataError: train/shard-000003.tar: sha256 mismatch"
     assert log_error(str(tmp_path), "8") is None
 
     failed = JobRecord("7", "FAILED", "1:0", "None", "", "", 1)
@@ -92,11 +92,21 @@ def test_log_cause_takes_the_rank_that_raised_first_or_names_a_silently_killed_o
     (tmp_path / "5_0_log.err").write_text(trace.format("RuntimeError: a later consequence"))
     (tmp_path / "5_1_log.err").write_text(trace.format("tsvae_dist.errors.DataError: shard-1.tar key k: bad"))
     os.utime(tmp_path / "5_1_log.err", (1000, 1000))  # written first
-    assert log_cause(str(tmp_path), "5") == ("DataError: shard-1.tar key k: bad", str(tmp_path / "5_1_log.err"))
+    assert log_cause(str(tmp_path), "5") == ("rank 1: DataError: shard-1.tar key k: bad",
+                                             str(tmp_path / "5_1_log.err"))
     (tmp_path / "6_0_log.err").write_text(trace.format("torch.distributed.DistBackendError: Connection closed by peer"))
     (tmp_path / "6_1_log.err").write_text("submitit INFO - Starting\n")  # SIGKILLed: no traceback
     what, where = log_cause(str(tmp_path), "6")
-    assert what.startswith("task 1 ended without a Python error") and where == str(tmp_path / "6_1_log.err")
+    assert what.startswith("rank 1: ended without a Python error") and where == str(tmp_path / "6_1_log.err")
+    # On Slurm, srun says how a task ended (in task 0's log, the batch script's): that rank is the one named.
+    (tmp_path / "4_0_log.err").write_text(trace.format("torch.distributed.DistBackendError: Connection closed by peer")
+                                          + "srun: error: node3: task 2: Killed\n"
+                                          + "srun: error: node1: tasks 0-1,3: Exited with exit code 1\n")
+    for task in (1, 2, 3):
+        (tmp_path / f"4_{task}_log.err").write_text("submitit INFO - Starting\n")
+    what, where = log_cause(str(tmp_path), "4")
+    assert what == "rank 2: ended by Killed; the other ranks lost their peer", what
+    assert where == str(tmp_path / "4_2_log.err")
 
 
 def test_a_cancelled_chain_says_cancelled_not_dependency_never_satisfied(tmp_path: Path) -> None:

@@ -129,31 +129,55 @@ def _exception_line(text: str) -> str | None:
     return None
 
 
-def log_cause(folder: str, job_id: str) -> tuple[str, str] | None:
-    """(the exception that ended a job, the task log it is in), from the job's task error logs.
+# srun's own report of a task that ended badly, e.g. "srun: error: node2: task 1: Killed" or
+# "srun: error: node2: tasks 0,2: Exited with exit code 1".
+_SRUN_TASK = re.compile(r"^srun: error: [^:]+: tasks? ([\d,-]+): (.+)$", re.M)
 
-    A cause beats another rank's lost peer; of several causes, the one written first (the rank that
-    raised first). When every traceback is a lost peer and a task's log has none, that task died
-    without a Python error (killed by a signal, out of memory): that is the cause.
+
+def _task_list(spec: str) -> list[int]:
+    """srun's task list ("1", "0,2", "0-3") as numbers."""
+    out: list[int] = []
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        out += list(range(int(first), int(last or first) + 1))
+    return out
+
+
+def log_cause(folder: str, job_id: str) -> tuple[str, str] | None:
+    """("rank N: <how it ended>", the task log that says so), from the job's task error logs.
+
+    A task's log is `<job>_<task>_log.err` and its task is its global rank. A cause beats another
+    rank's lost peer; of several causes, the one written first (the rank that raised first). When
+    every traceback is a lost peer and a task's log has none, that task died without a Python error
+    (killed by a signal, out of memory): that is the cause, with srun's word on how when it has one.
     """
-    found, silent = [], []
+    found, silent, srun = [], [], {}
     if os.path.isdir(folder):
         for name in sorted(os.listdir(folder)):
             if name.startswith(f"{job_id}_") and name.endswith("_log.err"):
                 path = os.path.join(folder, name)
                 with open(path, errors="replace") as f:
-                    line = _exception_line(f.read())
+                    text = f.read()
+                rank = name.split("_")[1]
+                for tasks, how in _SRUN_TASK.findall(text):  # srun writes into task 0's log
+                    for task in _task_list(tasks):
+                        srun.setdefault(str(task), how.strip())
+                line = _exception_line(text)
                 if line:
-                    found.append((os.path.getmtime(path), line, path))
+                    found.append((os.path.getmtime(path), f"rank {rank}: {line}", path))
                 else:
-                    silent.append(path)
+                    silent.append((rank, path))
     causes = sorted(c for c in found if not any(p in c[1] for p in _PEER_LOSS))
     if causes:
         return causes[0][1], causes[0][2]
-    if found and silent:
-        task = os.path.basename(silent[0]).split("_")[1]
-        return (f"task {task} ended without a Python error (killed by a signal or out of memory?); "
-                f"the other tasks lost their peer", silent[0])
+    # srun reports tasks in the order they ended: the first of them ended first; the rest may be its victims.
+    order = list(srun)
+    dead = sorted((t for t in silent if t[0] in srun), key=lambda t: order.index(t[0])) or silent
+    if found and dead:
+        rank, path = dead[0]
+        how = f"ended by {srun[rank]}" if rank in srun else \
+            "ended without a Python error (killed by a signal or out of memory?)"
+        return f"rank {rank}: {how}; the other ranks lost their peer", path
     return (found[0][1], found[0][2]) if found else None
 
 

@@ -17,6 +17,7 @@ import datetime
 import json
 import logging
 import os
+import pickle
 import re
 import sys
 import time
@@ -132,12 +133,40 @@ def local_executor(cfg: RunConfig, stage: str, folder: str):
     return executor
 
 
-def _watch_local(cfg: RunConfig, stage: str, job) -> None:
+# After a rank has failed, how long its peers get to fail by themselves (and write their own error)
+# before the launcher ends them: long enough for a lost-peer error, far shorter than any timeout.
+FAILED_RANK_GRACE_S = 3.0
+
+
+def _failed_task(folder: str, job_id: str, tasks: int) -> int | None:
+    """The lowest task of a running local job whose result is an error (submitit writes one per task)."""
+    for task in range(tasks):
+        path = os.path.join(folder, f"{job_id}_{task}_result.pkl")
+        try:
+            with open(path, "rb") as f:
+                outcome = pickle.load(f)[0]  # ("success" | "error", result or traceback)
+        except (OSError, EOFError, pickle.UnpicklingError, IndexError, TypeError):
+            continue  # none yet (submitit writes it under a temporary name, then renames it)
+        if outcome == "error":
+            return task
+    return None
+
+
+def _watch_local(cfg: RunConfig, stage: str, job, folder: str, tasks: int) -> None:
     """Until the local job ends: its progress, from the stage's artifacts (as the Slurm follower reads
-    it), rewritten in place on a terminal, a line every 10 s when not changed otherwise."""
+    it), rewritten in place on a terminal, a line every 10 s when not changed otherwise.
+
+    Once a rank has raised, its peers may wait in a collective for it (a lingering process, NCCL): after
+    FAILED_RANK_GRACE_S the job is cancelled, which ends all its processes (SIGINT, then SIGKILL)."""
     tty, shown, last_print = sys.stdout.isatty(), "", 0.0
+    failed_at: float | None = None
     while not job.done():
         time.sleep(0.5 if tty else 1.0)
+        if failed_at is None and _failed_task(folder, job.job_id, tasks) is not None:
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
+            job.cancel(check=False)
+            failed_at = float("inf")  # once
         try:
             line = f"{stage}: {follow.live_progress(cfg, stage)}"
         except Exception:  # progress is a courtesy: never let reading it end the run
@@ -168,7 +197,7 @@ def run_local(cfg: RunConfig, stages: list[PlannedStage]) -> None:
         print(f"{s.name}: running as local job {job.job_id} ({s.tasks_per_node} processes), logs in {folder}",
               flush=True)
         started = time.monotonic()
-        _watch_local(cfg, s.name, job)
+        _watch_local(cfg, s.name, job, folder, s.tasks_per_node)
         try:
             job.results()
         except (FailedJobError, UncompletedJobError):

@@ -3,7 +3,8 @@
 Every stage's request is checked against the live cluster (partition, nodes, CPUs and GPUs per node)
 before anything is submitted; then the stages are submitted at once through submitit, each `afterok`
 on the one before and with `--kill-on-invalid-dep=yes`, so a failed stage cancels its dependents
-instead of leaving them pending forever. Every cluster fact comes from `cluster.*` (conf/cluster/*.yaml).
+instead of leaving them pending forever; within a job, srun's `--kill-on-bad-exit=1` ends every task
+as soon as one fails. Every cluster fact comes from `cluster.*` (conf/cluster/*.yaml).
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def stage_executor(cfg: RunConfig, stage: str, folder: str, dependency: str | No
         "cpus_per_task": c.cpus_per_task,
         "time": c.time_min,
         "signal_delay_s": c.signal_delay_s,  # submitit sends USR2 this long before the time limit
+        # A task that exits non-zero (a rank that raised, or one killed) ends the step's other tasks at
+        # once, instead of leaving them in a collective with a dead peer until its timeout.
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     optional = {"partition": c.partition, "account": c.account, "qos": c.qos, "constraint": c.constraint}
     params.update({k: v for k, v in optional.items() if v})

@@ -2,11 +2,19 @@
 
 `init()` reads the environment once and returns a `DistInfo`; everything else asks it. A
 half-set environment (RANK without WORLD_SIZE, say) is an error, not a silent single process.
+
+Failures are fast: the process group starts with a generous timeout (the first step compiles,
+warms up and starts the data pipeline on every rank at its own pace), and the training loop
+shortens it with `shorten_timeout` once its first step is done, so a rank left waiting in a
+collective for a dead or stuck peer fails within `cluster.collective_timeout_s` instead of half an
+hour. On CUDA, NCCL's asynchronous error handling is switched on so such a timeout aborts the
+collective (and the process) instead of blocking forever.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import subprocess
 from dataclasses import dataclass
@@ -16,6 +24,12 @@ import torch.distributed as torch_dist
 
 from tsvae_dist.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
+# NCCL watchdog: abort a timed-out or failed collective and end the process (torch >= 2.2 reads the
+# first name, older releases the second). Set only where the user has not chosen otherwise.
+NCCL_ASYNC_ERROR_VARS = ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING")
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -23,6 +37,7 @@ class DistInfo:
     world_size: int  # number of processes
     local_rank: int  # rank on this node (selects the GPU)
     device: torch.device  # cuda:<local_rank> when GPUs are used, else cpu
+    collective_timeout_s: float = 0.0  # the timeout `shorten_timeout` sets after the first step (0: keep)
 
     @property
     def is_main(self) -> bool:
@@ -98,14 +113,24 @@ def _read_environment() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init(use_gpu: bool | None = None, timeout_s: int = 1800) -> DistInfo:
-    """Initialise the process group (NCCL on GPU, gloo on CPU) once; idempotent."""
+def enable_nccl_async_errors(environ: dict[str, str] | os._Environ = os.environ) -> None:
+    """Switch on NCCL's asynchronous error handling unless the environment already says (before init)."""
+    for name in NCCL_ASYNC_ERROR_VARS:
+        environ.setdefault(name, "1")
+
+
+def init(use_gpu: bool | None = None, timeout_s: float = 1800, collective_timeout_s: float = 0.0) -> DistInfo:
+    """Initialise the process group (NCCL on GPU, gloo on CPU) once; idempotent.
+
+    `timeout_s` bounds every collective until `shorten_timeout` replaces it by `collective_timeout_s`.
+    """
     rank, world, local = _read_environment()
     use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
     # submitit may narrow CUDA_VISIBLE_DEVICES to this task's GPU, which is then device 0.
     device = torch.device("cuda", local % torch.cuda.device_count()) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
+        enable_nccl_async_errors()
     if world > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group(
             backend="nccl" if use_gpu else "gloo",
@@ -113,7 +138,25 @@ def init(use_gpu: bool | None = None, timeout_s: int = 1800) -> DistInfo:
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device,
+                    collective_timeout_s=collective_timeout_s)
+
+
+def shorten_timeout(info: DistInfo) -> str | None:
+    """Set the default group's collective timeout to `info.collective_timeout_s`; returns None when done,
+    else why not (single process, no timeout configured, or a torch without `_set_pg_timeout`)."""
+    if not torch_dist.is_initialized():
+        return "no process group"
+    if info.collective_timeout_s <= 0:
+        return "cluster.collective_timeout_s is 0 (keep the start-up timeout)"
+    # A private torch function (2.3+, gloo and NCCL); without it the start-up timeout stays in force.
+    set_timeout = getattr(torch_dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is None:
+        why = f"torch {torch.__version__} cannot change a process group's timeout (no _set_pg_timeout)"
+        log.warning("collective timeout not shortened: %s", why)
+        return why
+    set_timeout(datetime.timedelta(seconds=info.collective_timeout_s))
+    return None
 
 
 def shutdown() -> None:

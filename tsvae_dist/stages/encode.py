@@ -114,7 +114,7 @@ def encode_split(cfg: RunConfig, info: dist.DistInfo, split: str, shards: list[d
 def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
     """Encode every split; returns the URL of the latent shards' directory."""
     stop = stop or StopFlag().install()
-    info = dist.init(use_gpu=cfg.cluster.gpus_per_node > 0)
+    info = dist.init(use_gpu=cfg.cluster.gpus_per_node > 0, timeout_s=cfg.cluster.init_timeout_s)
     data = ensure_dataset_once(cfg, info)
     encoder_url = cfg.layout.model("stage1")
     artifact = storage.read_bytes(encoder_url)

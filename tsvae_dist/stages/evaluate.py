@@ -255,7 +255,7 @@ def _grids(cfg: RunConfig, data: dict[str, Any], stage1: torch.nn.Module, stage2
 def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
     """Evaluate the run (resuming from saved partial sums); returns the URL of report.json."""
     stop = stop or StopFlag().install()
-    info = dist.init(use_gpu=cfg.cluster.gpus_per_node > 0)
+    info = dist.init(use_gpu=cfg.cluster.gpus_per_node > 0, timeout_s=cfg.cluster.init_timeout_s)
     data = ensure_dataset_once(cfg, info)
     layout = cfg.layout
     stage1 = load_trained(cfg, "stage1").to(info.device)

@@ -37,7 +37,7 @@ def _is_done(done_url: str, source: dict, count: int) -> bool:
 def run(cfg: RunConfig) -> str:
     """Write cfg.generate.num samples; returns the output URL."""
     g = cfg.generate
-    info = dist.init(use_gpu=cfg.cluster.gpus_per_node > 0)
+    info = dist.init(use_gpu=cfg.cluster.gpus_per_node > 0, timeout_s=cfg.cluster.init_timeout_s)
     stage1 = load_trained(cfg, "stage1").to(info.device)
     stage2 = load_trained(cfg, "stage2").to(info.device) if g.mode == "stage2" else None
     out = output_url(cfg)

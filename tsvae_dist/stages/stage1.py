@@ -26,7 +26,8 @@ STAGE = "stage1"
 
 def run(cfg: RunConfig) -> str:
     """Train stage 1 (resuming if checkpoints exist); returns the URL of the trained model."""
-    info = dist.init(use_gpu=cfg.cluster.gpus_per_node > 0)
+    info = dist.init(use_gpu=cfg.cluster.gpus_per_node > 0, timeout_s=cfg.cluster.init_timeout_s,
+                     collective_timeout_s=cfg.cluster.collective_timeout_s)
     data_manifest = ensure_dataset_once(cfg, info)
     layout = cfg.layout
 

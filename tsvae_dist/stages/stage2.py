@@ -41,7 +41,8 @@ def check_latents(cfg: RunConfig) -> dict[str, Any]:
 
 def run(cfg: RunConfig) -> str:
     """Train stage 2 (resuming if checkpoints exist); returns the URL of the trained model."""
-    info = dist.init(use_gpu=cfg.cluster.gpus_per_node > 0)
+    info = dist.init(use_gpu=cfg.cluster.gpus_per_node > 0, timeout_s=cfg.cluster.init_timeout_s,
+                     collective_timeout_s=cfg.cluster.collective_timeout_s)
     latents = check_latents(cfg)
     layout = cfg.layout
 

@@ -154,6 +154,7 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     model.train()
     window_start = time.perf_counter()
     last_metrics: dict[str, float] = {}
+    first_step = step
     while step < total_steps:
         epoch = step // steps_per_epoch
         lr = learning_rate(cfg, epoch)
@@ -175,6 +176,8 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
             scaler.step(optimizer)
             scaler.update()
             step += 1
+            if step == first_step + 1:  # warm-up is over: a peer that stops answering now has failed
+                dist.shorten_timeout(info)
 
             # Metrics: averaged over the window's steps and over ranks.
             window.add(terms)
