@@ -126,7 +126,8 @@ def test_a_bad_shard_in_a_stage_job_is_one_line_naming_it_exit_1(tiny_data) -> N
     data, overrides = tiny_data
     (data / "train" / "shard-000003.tar").write_bytes(b"not a tar")
     proc = _run(["launch/submit.py", *overrides, "stage1.epochs=1"])
-    line = _assert_one_line(proc, r"error: stage1: rank \d: DataError: .*train/shard-000003\.tar.* \(log: .*_log\.err\)", 1)
+    line = _assert_one_line(
+        proc, r"error: stage1: rank \d: DataError: .*train/shard-000003\.tar.* \(log: .*_log\.err\)", 1)
     log = Path(line.rsplit("(log: ", 1)[1][:-1])
     assert "error: stage1: rank" in log.read_text()  # our error's own line in the task's log
     assert "stage1: running as local job" in proc.stdout
