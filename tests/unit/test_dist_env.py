@@ -26,7 +26,10 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 def bare_environment(monkeypatch):
     """No launcher or Slurm variables; undone after the test, whatever the code under test exported."""
     for name in LAUNCHER_VARS:
-        monkeypatch.delenv(name, raising=False)
+        # setenv first, so monkeypatch records the variable's state and removes what the code exports
+        # (a MASTER_ADDR left behind breaks later tests' submitit jobs); delenv of an absent one records nothing.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     for name in list(os.environ):
         if name.startswith("SLURM_"):
             monkeypatch.delenv(name)

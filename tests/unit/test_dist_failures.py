@@ -33,7 +33,8 @@ def test_nccl_async_error_handling_is_set_unless_the_user_chose() -> None:
 def test_gpu_init_sets_async_errors_before_the_process_group_and_passes_the_start_timeout(monkeypatch) -> None:
     """No GPU needed: CUDA and the process group are faked; what matters is the environment at init."""
     for name in NCCL_ASYNC_ERROR_VARS:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so what init exports is removed after the test
+        monkeypatch.delenv(name)
     for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
         monkeypatch.setenv(name, value)
     seen: dict = {}
