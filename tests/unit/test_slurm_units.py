@@ -12,7 +12,7 @@ from tsvae_dist.cli import compose
 from tsvae_dist.errors import ConfigError
 from tsvae_dist.pipeline.follow import failure_reason, log_cause, log_error, stage_progress
 from tsvae_dist.pipeline.slurm import JobRecord
-from tsvae_dist.pipeline.submit import Partition, check_cluster
+from tsvae_dist.pipeline.submit import Partition, check_cluster, stage_executor
 from tsvae_dist.runtime.preemption import StopFlag, ignore_stop_signals
 
 
@@ -143,3 +143,12 @@ def test_an_object_store_run_keeps_its_submitit_logs_out_of_the_current_director
     folder = log_folder(cfg)
     assert folder.startswith(str(tmp_path / "cache" / "logs" / "bucket_runs_x") + os.sep)
     assert not folder.startswith(os.path.join(os.getcwd(), "logs"))
+
+
+def test_every_stage_job_runs_srun_with_kill_on_bad_exit(tmp_path: Path) -> None:
+    """One task that exits non-zero ends the job's other tasks at once (not at a collective timeout)."""
+    cfg = compose(["cluster=slurm", "nodes=2"])
+    for stage in ("stage1", "evaluate"):
+        script = stage_executor(cfg, stage, str(tmp_path))._make_submission_file_text("python -m job", "uid")
+        srun = [line for line in script.splitlines() if line.startswith("srun ")]
+        assert len(srun) == 1 and "--kill-on-bad-exit=1" in srun[0].split(), script
