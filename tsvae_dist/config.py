@@ -49,6 +49,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 500  # save a resumable checkpoint every this many optimizer steps
     keep_checkpoints: int = 2  # committed checkpoints kept (>= 2: the previous survives a bad write)
     log_every_steps: int = 50  # metrics line (JSON + TensorBoard) every this many steps
+    stop_check_every_steps: int = 10  # ranks agree on a stop signal (and the checkpoint timer) every this many
+    # steps: one host sync each time. A stop lands on the same step on every rank, so results do not change;
+    # a preempted job stops at most this many steps after the signal
     progress_bar: bool = True  # tqdm bar on rank 0 (off in batch jobs that log to files)
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # streaming data loader settings
 
@@ -183,6 +186,7 @@ def validate_train(cfg: TrainConfig, name: str, world: int) -> None:
     _check(cfg.checkpoint_every_steps > 0, f"{name}.checkpoint_every_steps: must be positive")
     _check(cfg.keep_checkpoints >= 2, f"{name}.keep_checkpoints: must be >= 2 so a bad write loses nothing")
     _check(cfg.log_every_steps > 0, f"{name}.log_every_steps: must be positive")
+    _check(cfg.stop_check_every_steps > 0, f"{name}.stop_check_every_steps: must be positive")
     try:
         cfg.loader.validate(cfg.batch_size, world)
     except ConfigError as e:

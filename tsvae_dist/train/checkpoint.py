@@ -22,7 +22,8 @@ from tsvae_dist.layout import checkpoint_name, checkpoint_samples
 log = logging.getLogger(__name__)
 
 # Keys that may change between a checkpoint and its resume without changing the result.
-NON_RESULT_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress_bar")
+NON_RESULT_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress_bar",
+                   "stop_check_every_steps")
 NON_RESULT_LOADER_KEYS = ("workers", "prefetch_factor", "start_method", "max_skipped_samples", "record_keys")
 
 

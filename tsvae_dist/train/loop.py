@@ -160,8 +160,9 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         for batch in loader.epoch(epoch, start_step=step % steps_per_epoch):
-            # Agree on stopping before the step, so every rank stops at the same one.
-            if dist.any_rank(stop.is_set(), info.device):
+            # Agree on stopping before the step, so every rank stops at the same one; only every
+            # `stop_check_every_steps` steps, since the agreement is a host sync that stalls the device.
+            if step % cfg.stop_check_every_steps == 0 and dist.any_rank(stop.is_set(), info.device):
                 save()
                 raise Preempted(f"{job.name}: stopped by {stop.signal_name or 'request'} at step {step}")
 
