@@ -47,6 +47,8 @@ class TrainConfig:
     # slower convolutions). CPU training is deterministic either way
     tf32: bool = False  # GPU: TF32 matmuls and convolutions (faster on Ampere+, ~1e-3 relative rounding)
     checkpoint_every_steps: int = 500  # save a resumable checkpoint every this many optimizer steps
+    checkpoint_every_min: float = 0.0  # also save when this many minutes passed since the last save (0 = off);
+    # rank 0's clock decides, shared at the stop checks, so every rank saves the same step
     keep_checkpoints: int = 2  # committed checkpoints kept (>= 2: the previous survives a bad write)
     log_every_steps: int = 50  # metrics line (JSON + TensorBoard) every this many steps
     stop_check_every_steps: int = 10  # ranks agree on a stop signal (and the checkpoint timer) every this many
@@ -187,6 +189,7 @@ def validate_train(cfg: TrainConfig, name: str, world: int) -> None:
     _check(cfg.keep_checkpoints >= 2, f"{name}.keep_checkpoints: must be >= 2 so a bad write loses nothing")
     _check(cfg.log_every_steps > 0, f"{name}.log_every_steps: must be positive")
     _check(cfg.stop_check_every_steps > 0, f"{name}.stop_check_every_steps: must be positive")
+    _check(cfg.checkpoint_every_min >= 0, f"{name}.checkpoint_every_min: must be >= 0 (0 = off)")
     try:
         cfg.loader.validate(cfg.batch_size, world)
     except ConfigError as e:
