@@ -58,6 +58,7 @@ def test_nodes_shorthand_sets_cluster_nodes() -> None:
         (["stage1.batch_size=63"], "stage1.batch_size"),
         (["stage2.precision=fp8"], "stage2.precision"),
         (["stage1.stop_check_every_steps=0"], "stage1.stop_check_every_steps"),
+        (["stage2.checkpoint_every_min=-1"], "stage2.checkpoint_every_min"),
         (["eval.fid=sometimes"], "eval.fid"),
         (["cluster.tasks_per_node=0"], "tasks_per_node"),
     ],

@@ -119,7 +119,8 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
 
     # Checkpoints: rank 0 copies the state to host memory and writes it in the background while
     # training goes on (CheckpointStore.save_async); only a stop and the end wait for the commit.
-    saved_step, last_save = (step if state is not None else -1), time.monotonic()
+    # The starting step needs no checkpoint: it is the loaded one, or the seed's initialisation.
+    saved_step, last_save = step, time.monotonic()
 
     def save(commit: bool = False) -> None:
         nonlocal saved_step, last_save
@@ -155,7 +156,8 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     def agree(stop_flag: bool) -> tuple[bool, bool]:
         """(stop, timed save due) on every rank: one all-reduce and one host read for both flags."""
         minutes = (time.monotonic() - last_save) / 60
-        due = info.is_main and cfg.checkpoint_every_min > 0 and minutes >= cfg.checkpoint_every_min
+        timer = cfg.checkpoint_every_min > 0 and minutes >= cfg.checkpoint_every_min
+        due = info.is_main and timer and step != saved_step
         flags = dist.all_reduce_sum(torch.tensor([int(stop_flag), int(due)], dtype=torch.int32, device=info.device))
         stop_any, due_any = (v > 0 for v in flags.tolist())
         return stop_any, due_any
