@@ -47,8 +47,13 @@ class TrainConfig:
     # slower convolutions). CPU training is deterministic either way
     tf32: bool = False  # GPU: TF32 matmuls and convolutions (faster on Ampere+, ~1e-3 relative rounding)
     checkpoint_every_steps: int = 500  # save a resumable checkpoint every this many optimizer steps
+    checkpoint_every_min: float = 0.0  # also save when this many minutes passed since the last save (0 = off);
+    # rank 0's clock decides, shared at the stop checks, so every rank saves the same step
     keep_checkpoints: int = 2  # committed checkpoints kept (>= 2: the previous survives a bad write)
     log_every_steps: int = 50  # metrics line (JSON + TensorBoard) every this many steps
+    stop_check_every_steps: int = 10  # ranks agree on a stop signal (and the checkpoint timer) every this many
+    # steps: one host sync each time. A stop lands on the same step on every rank, so results do not change;
+    # a preempted job stops at most this many steps after the signal
     progress_bar: bool = True  # tqdm bar on rank 0 (off in batch jobs that log to files)
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # streaming data loader settings
 
@@ -124,8 +129,9 @@ class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: TrainConfig = field(default_factory=TrainConfig)
+    # Stage 2 is fp32: dense layers on 64-sample batches gain nothing from autocast, and γ_z → 0 fast.
     stage2: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=800, lr_halve_every_epochs=300, batch_size=64)
+        default_factory=lambda: TrainConfig(epochs=800, lr_halve_every_epochs=300, batch_size=64, precision="fp32")
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -186,6 +192,8 @@ def validate_train(cfg: TrainConfig, name: str, world: int) -> None:
     _check(cfg.checkpoint_every_steps > 0, f"{name}.checkpoint_every_steps: must be positive")
     _check(cfg.keep_checkpoints >= 2, f"{name}.keep_checkpoints: must be >= 2 so a bad write loses nothing")
     _check(cfg.log_every_steps > 0, f"{name}.log_every_steps: must be positive")
+    _check(cfg.stop_check_every_steps > 0, f"{name}.stop_check_every_steps: must be positive")
+    _check(cfg.checkpoint_every_min >= 0, f"{name}.checkpoint_every_min: must be >= 0 (0 = off)")
     try:
         cfg.loader.validate(cfg.batch_size, world)
     except ConfigError as e:

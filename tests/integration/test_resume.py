@@ -58,7 +58,9 @@ def digests(run_dir: Path) -> dict[str, str]:
 @pytest.mark.parametrize("world", [3, 4])
 def test_usr1_then_sigkill_resumes_bit_for_bit(tmp_path: Path, data_root: Path, world: int) -> None:
     extra = {**WORLDS[world], "stage1.epochs": 4, "stage1.lr_halve_every_epochs": 2,
-             "stage1.checkpoint_every_steps": 6, "stage1.log_every_steps": 3}
+             "stage1.checkpoint_every_steps": 6, "stage1.log_every_steps": 3,
+             # The signal must land inside the first 10-step epoch: agree on it every step (default 10).
+             "stage1.stop_check_every_steps": 1}
     reference = tmp_path / "reference"
     run_stage("stage1", tiny_overrides(data_root, reference, **extra), nproc=world)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,52 @@ def test_added_removed_and_retyped_keys_are_differences() -> None:
                                       "model": {"latent_dim": 64}}) == []
     with pytest.raises(CheckpointError, match="stage1.warmup"):
         check_resumable(saved, gained, "ckpt")
+
+
+def test_background_save_snapshots_the_state_and_commits_on_wait(tmp_path: Path, monkeypatch) -> None:
+    from tsvae_dist import storage
+
+    release = threading.Event()
+    write = storage.write_bytes_atomic
+
+    def held_write(url: str, data: bytes) -> None:
+        release.wait(10)  # the write is in flight until the test lets it go
+        write(url, data)
+
+    monkeypatch.setattr(storage, "write_bytes_atomic", held_write)
+    store = CheckpointStore(str(tmp_path), keep=2)
+    live = state(1)
+    store.save_async(live, samples_seen=64)
+    live["model"]["w"].add_(100.0)  # training goes on and changes the tensors: the snapshot must not change
+    assert store.load_latest() is None  # nothing committed while the write is held
+    release.set()
+    store.wait()
+    saved = store.load_latest()
+    assert saved is not None and torch.equal(saved["model"]["w"], torch.full((3,), 1.0))
+
+
+def test_failed_background_write_is_raised_at_the_next_save(tmp_path: Path, monkeypatch) -> None:
+    from tsvae_dist import storage
+
+    write = storage.write_bytes_atomic
+    failing = {"ckpt-000000000128.pt", "ckpt-000000000256.pt"}
+
+    def flaky_write(url: str, data: bytes) -> None:  # by name: the write runs whenever the thread gets to it
+        if url.rsplit("/", 1)[-1] in failing:
+            raise OSError("disk full")
+        write(url, data)
+
+    monkeypatch.setattr(storage, "write_bytes_atomic", flaky_write)
+    store = CheckpointStore(str(tmp_path), keep=2)
+    store.save(state(1), samples_seen=64)
+    store.save_async(state(2), samples_seen=128)  # returns at once; the error comes later
+    with pytest.raises(CheckpointError, match="disk full"):
+        store.save_async(state(3), samples_seen=192)
+    store.wait()  # raised once, not again
+    assert store.load_latest()["step"] == 1  # the failed one was never committed, nothing was pruned
+    store.save_async(state(3), samples_seen=192)
+    store.wait()
+    assert store.load_latest()["step"] == 3
+    store.save_async(state(4), samples_seen=256)
+    with pytest.raises(CheckpointError, match="disk full"):  # the end of training (or a stop) waits: raised there
+        store.wait()

@@ -57,6 +57,8 @@ def test_nodes_shorthand_sets_cluster_nodes() -> None:
         (["model=wae", "dataset.resolution=28", "dataset.channels=1"], "resolution"),
         (["stage1.batch_size=63"], "stage1.batch_size"),
         (["stage2.precision=fp8"], "stage2.precision"),
+        (["stage1.stop_check_every_steps=0"], "stage1.stop_check_every_steps"),
+        (["stage2.checkpoint_every_min=-1"], "stage2.checkpoint_every_min"),
         (["eval.fid=sometimes"], "eval.fid"),
         (["cluster.tasks_per_node=0"], "tasks_per_node"),
     ],

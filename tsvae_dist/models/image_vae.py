@@ -46,7 +46,7 @@ class Stage1VAE(nn.Module):
         return self.encoder(x)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """z [N, κ] → pre-sigmoid decoder output [N, C, H, W] (in autocast's dtype, if any)."""
+        """z [N, κ] → pre-sigmoid decoder output [N, C, H, W], float32 (the head runs in fp32 under autocast)."""
         return self.decoder(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

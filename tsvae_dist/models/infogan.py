@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
 
-from .layers import init_normal, scaled
+from .layers import fp32, init_normal, scaled, spectral_norm
 
 
 def _sn(layer: nn.Module) -> nn.Module:
@@ -44,7 +43,7 @@ class InfoGANEncoder(nn.Module):
         h = F.leaky_relu(self.bn2(self.conv2(h)), 0.2)
         h = F.leaky_relu(self.bn3(self.fc3(h.flatten(1))), 0.2)
         # The posterior head in fp32: softplus(·) + 1e-6 would round the 1e-6 away in bf16.
-        mu, pre_sigma = self.fc4(h).float().chunk(2, dim=1)
+        mu, pre_sigma = fp32(self.fc4, h).chunk(2, dim=1)
         return mu, torch.log(F.softplus(pre_sigma) + 1e-6)
 
 
@@ -67,4 +66,4 @@ class InfoGANDecoder(nn.Module):
         h = F.relu(self.bn2(self.fc2(h)))
         h = h.view(-1, self.c2, self.side, self.side)
         h = F.relu(self.bn3(self.deconv3(h)))
-        return self.deconv4(h)
+        return fp32(self.deconv4, h)  # the logits head in fp32 (layers.fp32)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gamma import init_gamma, loss_log_gamma
-from .layers import init_glorot
+from .layers import fp32, init_glorot
 from .losses import gaussian_nll, kl_standard_normal
 
 
@@ -41,7 +41,7 @@ class Stage2Encoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(z)
-        return self.mu(h).float(), self.log_sigma(h).float()
+        return fp32(self.mu, h), fp32(self.log_sigma, h)  # the heads in fp32 (layers.fp32)
 
 
 class Stage2Decoder(nn.Module):
@@ -51,7 +51,7 @@ class Stage2Decoder(nn.Module):
         self.z_hat = init_glorot(nn.Linear(self.body.out_dim, latent_dim))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self.z_hat(self.body(u)).float()
+        return fp32(self.z_hat, self.body(u))
 
 
 class Stage2VAE(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .geometry import decoder_start
-from .layers import conv_same, deconv_double, init_glorot
+from .layers import conv_same, deconv_double, fp32, init_glorot
 
 
 class ResBlock(nn.Module):
@@ -95,7 +95,7 @@ class ResNetEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.fc(self.features(x).mean(dim=(2, 3)))
-        return self.mu(h).float(), self.log_sigma(h).float()
+        return fp32(self.mu, h), fp32(self.log_sigma, h)  # the heads in fp32 (layers.fp32)
 
 
 class ResNetDecoder(nn.Module):
@@ -130,4 +130,8 @@ class ResNetDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # No activation after the dense layer: as in the original, the first deconv takes it as is and
         # the nonlinearity comes with the next scale block's pre-activation BN/ReLU.
-        return self.features(self.fc(z).view(-1, self.c0, self.start, self.start))
+        h = self.fc(z).view(-1, self.c0, self.start, self.start)
+        *body, head = self.features  # iterating keeps the keys features.<i>; the logits head in fp32
+        for layer in body:
+            h = layer(h)
+        return fp32(head, h)

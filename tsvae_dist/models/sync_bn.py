@@ -83,7 +83,9 @@ class DistributedBatchNorm(_BatchNorm):
         local = torch.cat([x.sum(reduce_dims), x.new_tensor([x.numel() / channels])])
         total = all_reduce_sum(local, self.process_group)
         count = total[-1].detach()
-        if count.item() <= 1:
+        # Checked from the shapes, not `count`: reading a device value each step is a host sync. Every
+        # rank holds the same batch size (the loader's contract), so the global count is local × world.
+        if x.numel() // channels * dist.get_world_size(self.process_group) <= 1:
             raise ValueError(
                 f"expected more than 1 value per channel over all ranks; got {tuple(input.shape)}"
             )

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import init_glorot, scaled
+from .layers import fp32, init_glorot, scaled
 
 
 def _conv(c_in: int, c_out: int, stride: int, bias: bool = True) -> nn.Conv2d:
@@ -45,7 +45,7 @@ class WAEEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.features(x).flatten(1)
-        return self.mu(h).float(), self.log_sigma(h).float()
+        return fp32(self.mu, h), fp32(self.log_sigma, h)  # the heads in fp32 (layers.fp32)
 
 
 class WAEDecoder(nn.Module):
@@ -64,4 +64,7 @@ class WAEDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.fc(z)).view(-1, self.c0, self.side, self.side)
-        return self.features(h)
+        *body, head = self.features  # iterating keeps the keys features.<i>; the logits head in fp32
+        for layer in body:
+            h = layer(h)
+        return fp32(head, h)

@@ -4,12 +4,17 @@ A checkpoint is one file `ckpt-<samples>.pt` written in a single atomic operatio
 rename locally, one PUT on object stores), so a file that exists is complete unless the storage
 itself broke it; a file that fails to load is skipped in favour of the previous one. The newest
 `keep` files are kept; older ones are deleted only after the new one is committed.
+
+`save_async` lets training go on while a checkpoint is written: the state is copied to host memory
+first (so later steps cannot change it), then serialised and written in a background thread, one
+write at a time. A failed write is raised by the next `save_async` or `wait`, never lost.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -22,8 +27,20 @@ from tsvae_dist.layout import checkpoint_name, checkpoint_samples
 log = logging.getLogger(__name__)
 
 # Keys that may change between a checkpoint and its resume without changing the result.
-NON_RESULT_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress_bar")
+NON_RESULT_KEYS = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "progress_bar",
+                   "stop_check_every_steps", "checkpoint_every_min")
 NON_RESULT_LOADER_KEYS = ("workers", "prefetch_factor", "start_method", "max_skipped_samples", "record_keys")
+
+
+def host_copy(state: Any) -> Any:
+    """`state` with every tensor copied to host memory (a fresh copy even of CPU tensors)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: host_copy(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(host_copy(v) for v in state)
+    return state
 
 
 class CheckpointStore:
@@ -32,6 +49,32 @@ class CheckpointStore:
     def __init__(self, directory: str, keep: int = 2):
         self.directory = directory
         self.keep = keep
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save_async(self, state: dict[str, Any], samples_seen: int) -> None:
+        """Copy `state` to the host now, then `save` it in the background (after the previous write)."""
+        self.wait()  # at most one write in flight; raises the previous one's error
+        snapshot = host_copy(state)
+
+        def write() -> None:
+            try:
+                self.save(snapshot, samples_seen)
+            except BaseException as e:  # kept for the main thread: raised by the next save_async/wait
+                self._error = e
+
+        # Not a daemon: an interpreter exiting normally still finishes (commits) the write.
+        self._writer = threading.Thread(target=write, name=f"checkpoint-{samples_seen}")
+        self._writer.start()
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) has committed; raise its error if it failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"{self.directory}: writing a checkpoint failed: {error}") from error
 
     def _committed(self) -> list[tuple[int, str]]:
         names = [(samples, n) for n in storage.listdir(self.directory)

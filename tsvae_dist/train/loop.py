@@ -117,30 +117,50 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     if state is not None:
         window.load(state.get("window"), info.rank, info.device)
 
-    def save() -> None:
-        window_state = window.state()  # a collective: before the rank-0 branch
-        if info.is_main:
-            store.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "samples_seen": step * cfg.batch_size,
-                    "epoch": step // steps_per_epoch,
-                    "step_in_epoch": step % steps_per_epoch,
-                    "config": job.resume_config,
-                    "world_size": info.world_size,
-                    "window": window_state,
-                    # Nothing in the loop draws from the global generators (noise is keyed by sample),
-                    # but whatever a model might draw resumes where it stopped.
-                    "rng": {"cpu": torch.get_rng_state(),
-                            "cuda": torch.cuda.get_rng_state(info.device) if info.device.type == "cuda" else None},
-                },
-                step * cfg.batch_size,
-            )
-            metrics_log.flush()
-        dist.barrier()  # nobody runs ahead of a checkpoint that is not yet committed
+    # Checkpoints: rank 0 copies the state to host memory and writes it in the background while
+    # training goes on (CheckpointStore.save_async); only a stop and the end wait for the commit.
+    # The starting step needs no checkpoint: it is the loaded one, or the seed's initialisation.
+    saved_step, last_save = step, time.monotonic()
+
+    def save(commit: bool = False) -> None:
+        nonlocal saved_step, last_save
+        if saved_step != step:  # a stop right after a periodic save: that one is the checkpoint
+            window_state = window.state()  # a collective: before the rank-0 branch
+            if info.is_main:
+                store.save_async(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "step": step,
+                        "samples_seen": step * cfg.batch_size,
+                        "epoch": step // steps_per_epoch,
+                        "step_in_epoch": step % steps_per_epoch,
+                        "config": job.resume_config,
+                        "world_size": info.world_size,
+                        "window": window_state,
+                        # Nothing in the loop draws from the global generators (noise is keyed by sample),
+                        # but whatever a model might draw resumes where it stopped.
+                        "rng": {"cpu": torch.get_rng_state(),
+                                "cuda": torch.cuda.get_rng_state(info.device) if info.device.type == "cuda" else None},
+                    },
+                    step * cfg.batch_size,
+                )
+                metrics_log.flush()
+            saved_step, last_save = step, time.monotonic()
+        if commit:
+            if info.is_main:
+                store.wait()
+            dist.barrier()  # nobody goes on (exits, or reads the stage's output) before the commit
+
+    def agree(stop_flag: bool) -> tuple[bool, bool]:
+        """(stop, timed save due) on every rank: one all-reduce and one host read for both flags."""
+        minutes = (time.monotonic() - last_save) / 60
+        timer = cfg.checkpoint_every_min > 0 and minutes >= cfg.checkpoint_every_min
+        due = info.is_main and timer and step != saved_step
+        flags = dist.all_reduce_sum(torch.tensor([int(stop_flag), int(due)], dtype=torch.int32, device=info.device))
+        stop_any, due_any = (v > 0 for v in flags.tolist())
+        return stop_any, due_any
 
     bar = None
     if info.is_main and cfg.progress_bar:
@@ -161,10 +181,15 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         for batch in loader.epoch(epoch, start_step=step % steps_per_epoch):
-            # Agree on stopping before the step, so every rank stops at the same one.
-            if dist.any_rank(stop.is_set(), info.device):
-                save()
-                raise Preempted(f"{job.name}: stopped by {stop.signal_name or 'request'} at step {step}")
+            # Agree on stopping before the step, so every rank stops at the same one; only every
+            # `stop_check_every_steps` steps, since the agreement is a host sync that stalls the device.
+            if step % cfg.stop_check_every_steps == 0:
+                stopping, save_due = agree(stop.is_set())
+                if stopping:
+                    save(commit=True)
+                    raise Preempted(f"{job.name}: stopped by {stop.signal_name or 'request'} at step {step}")
+                if save_due:
+                    save()
 
             # One optimizer step.
             inputs = [t.to(info.device, non_blocking=True) for t in job.inputs(batch, epoch)]
@@ -199,7 +224,7 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
 
             # Checkpoint.
             if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
-                save()
+                save(commit=step == total_steps)
     if bar is not None:
         bar.close()
     metrics_log.close()
