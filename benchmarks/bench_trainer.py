@@ -23,6 +23,7 @@ import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.multiprocessing as mp
@@ -175,10 +176,10 @@ def spawn_run(world: int, mode: str, opts: dict) -> float:
     return queue.get()
 
 
-def distributed_table(worlds: list[int], opts: dict, repeats: int) -> list[dict]:
-    """Per world size: plain vs ours vs ours with checkpoints; each the median of `repeats` runs, interleaved."""
+def distributed_table(worlds: list[int], opts: dict, repeats: int) -> Iterator[dict]:
+    """Per world size (a row as soon as it is measured): plain vs ours vs ours with checkpoints, each the
+    median of `repeats` runs, interleaved."""
     timed = opts["steps"] - opts["warmup"] - 1
-    rows = []
     for world in worlds:
         runs = {"plain": [], "ours": [], "ours_ckpt": []}
         for _ in range(repeats):  # interleaved, so a load spike on the machine hits every mode alike
@@ -187,15 +188,14 @@ def distributed_table(worlds: list[int], opts: dict, repeats: int) -> list[dict]
         t = {mode: statistics.median(v) for mode, v in runs.items()}
         every = opts["checkpoint_every"]  # saves after steps warmup+1 .. steps-1 fall in the timed window
         checkpoints = (opts["steps"] - 1) // every - opts["warmup"] // every
-        rows.append({
+        yield {
             "world": world, "plain_steps_per_s": timed / t["plain"], "ours_steps_per_s": timed / t["ours"],
             "ratio": t["plain"] / t["ours"], "ckpt_steps_per_s": timed / t["ours_ckpt"],
             "checkpoints": checkpoints,
             # Lost time per checkpoint over the time of one interval without checkpoints.
             "ckpt_cost_pct": 100 * (t["ours_ckpt"] - t["ours"]) / max(checkpoints, 1)
             / (every * t["ours"] / timed),
-        })
-    return rows
+        }
 
 
 def main() -> None:
