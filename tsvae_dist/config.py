@@ -22,7 +22,8 @@ from tsvae_dist.layout import AGGREGATE, STAGES, RunLayout
 from tsvae_dist.models.config import GAMMA_MODES, ModelConfig
 
 DATASETS = ("synthetic", "mnist", "fashion", "cifar10", "celeba64", "celeba128", "celeba256", "celebahq128", "folder")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 @dataclass
@@ -36,7 +37,12 @@ class TrainConfig:
     adam_beta1: float = 0.9  # Adam's beta1 (TF default, as in the paper's code)
     adam_beta2: float = 0.999  # Adam's beta2
     adam_eps: float = 1e-8  # Adam's epsilon
-    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast; loss terms with γ are always fp32
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA, fp32 on CPU) autocast; loss terms with
+    # γ are always fp32. Checkpoints record the resolved value, so a resume on another device kind is refused
+    memory_format: str = "auto"  # auto (channels_last for conv models on CUDA, else contiguous) | channels_last |
+    # contiguous: the layout of the model's weights and image batches; checkpoints record the resolved value
+    compile: bool = False  # opt-in: torch.compile the model's forward (faster steps after a compile per shape;
+    # off by default because the compile time and compiler availability vary by machine)
     gamma: str = "learned"  # decoder std γ (γ_x / γ_z): learned (the paper: trained log γ, from 0) | optimal
     # (σ-VAE's closed form: γ² = the batch's MSE per dimension, no gradient through γ; log_gamma then
     # holds the bias-corrected EMA of it, for the report and stage-2 sampling; see models/gamma.py)
@@ -119,7 +125,7 @@ class RunConfig:
     nodes: int = 1  # shorthand for cluster.nodes (`nodes=4` on the command line)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    stage1: TrainConfig = field(default_factory=TrainConfig)
+    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(precision="auto"))
     stage2: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=800, lr_halve_every_epochs=300, batch_size=64)
     )
@@ -174,6 +180,8 @@ def validate_train(cfg: TrainConfig, name: str, world: int) -> None:
     _check(cfg.lr > 0, f"{name}.lr: must be positive, got {cfg.lr}")
     _check(cfg.lr_halve_every_epochs > 0, f"{name}.lr_halve_every_epochs: must be positive")
     _check(cfg.precision in PRECISIONS, f"{name}.precision: {cfg.precision!r} is not one of {PRECISIONS}")
+    _check(cfg.memory_format in MEMORY_FORMATS,
+           f"{name}.memory_format: {cfg.memory_format!r} is not one of {MEMORY_FORMATS}")
     _check(cfg.gamma in GAMMA_MODES, f"{name}.gamma: {cfg.gamma!r} is not one of {GAMMA_MODES}")
     _check(cfg.gamma_lr >= 0, f"{name}.gamma_lr: must be >= 0 (0 = lr), got {cfg.gamma_lr}")
     _check(cfg.gamma_lr == 0 or cfg.gamma == "learned",

@@ -26,7 +26,7 @@ from tsvae_dist.models.sync_bn import convert_sync_batchnorm
 from tsvae_dist.runtime import dist
 from tsvae_dist.runtime.preemption import Preempted, StopFlag
 from tsvae_dist.train import precision
-from tsvae_dist.train.checkpoint import CheckpointStore, check_resumable
+from tsvae_dist.train.checkpoint import CheckpointStore, check_resumable, resolved
 from tsvae_dist.train.metrics import MetricsLog, MetricsWindow
 from tsvae_dist.train.replicas import Replicas
 
@@ -88,20 +88,28 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     # Set up the kernels, the model, its replicas on the other ranks and the optimizer.
     precision.configure_kernels(cfg.deterministic, cfg.tf32, info.device)
     model = job.model.to(info.device)  # before converting BN: on CUDA that picks torch's fused SyncBatchNorm
+    # Kernel settings resolved for this device ("auto"); the checkpoint records these, not "auto".
+    amp = precision.resolve(cfg.precision, info.device)
+    memory_format = precision.resolve_memory_format(cfg.memory_format, model, info.device)
+    if memory_format == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    run_config = resolved(job.resume_config, job.name, precision=amp, memory_format=memory_format)
     sync_bn = info.distributed and use_sync_bn(cfg, info.world_size)
     if sync_bn:
         model = convert_sync_batchnorm(model)
     replicas = Replicas(model, average_buffers=not sync_bn)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     optimizer = precision.adam(param_groups(model, cfg), cfg.lr, betas, cfg.adam_eps, info.device)
-    scaler = precision.grad_scaler(cfg.precision, info.device)
+    scaler = precision.grad_scaler(amp, info.device)
+    if cfg.compile:  # after SyncBN and replicas: they see the plain modules; compile wraps the forward only
+        precision.compile_forward(model)
     store = CheckpointStore(job.layout.checkpoints(job.name), keep=cfg.keep_checkpoints)
 
     # Load the previous checkpoint, if any, and decide where to start.
     step = 0
     state = store.load_latest()
     if state is not None:
-        check_resumable(state["config"], job.resume_config, state["url"])
+        check_resumable(state["config"], run_config, state["url"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -129,7 +137,7 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
                     "samples_seen": step * cfg.batch_size,
                     "epoch": step // steps_per_epoch,
                     "step_in_epoch": step % steps_per_epoch,
-                    "config": job.resume_config,
+                    "config": run_config,
                     "world_size": info.world_size,
                     "window": window_state,
                     # Nothing in the loop draws from the global generators (noise is keyed by sample),
@@ -166,8 +174,9 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
                 raise Preempted(f"{job.name}: stopped by {stop.signal_name or 'request'} at step {step}")
 
             # One optimizer step.
-            inputs = [t.to(info.device, non_blocking=True) for t in job.inputs(batch, epoch)]
-            with precision.autocast(cfg.precision, info.device):
+            inputs = [precision.to_memory_format(t.to(info.device, non_blocking=True), memory_format)
+                      for t in job.inputs(batch, epoch)]
+            with precision.autocast(amp, info.device):
                 terms = model(*inputs)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
