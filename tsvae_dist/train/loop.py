@@ -54,11 +54,22 @@ class TrainResult:
     skipped_samples: int = 0  # bad samples all ranks skipped in this attempt (loader.max_skipped_samples)
 
 
+def batch_gpu(cfg: TrainConfig, world_size: int) -> int:
+    """Samples per forward pass on each rank: `cfg.batch_gpu`, or the whole per-rank share of the batch."""
+    return cfg.batch_gpu or cfg.batch_size // world_size
+
+
+def accumulation_rounds(cfg: TrainConfig, world_size: int) -> int:
+    """Forward/backward rounds per optimizer step (EDM2's num_accumulation_rounds); validated to divide."""
+    return cfg.batch_size // (batch_gpu(cfg, world_size) * world_size)
+
+
 def use_sync_bn(cfg: TrainConfig, world_size: int) -> bool:
-    """SyncBN makes BatchNorm see the global batch; on by default when the per-rank batch is small."""
+    """SyncBN makes BatchNorm see the global batch; on by default when the batch one forward pass
+    sees on a rank (`batch_gpu`) is small."""
     if cfg.sync_bn != "auto":
         return cfg.sync_bn == "on"
-    return world_size > 1 and cfg.batch_size // world_size < 64
+    return world_size > 1 and batch_gpu(cfg, world_size) < 64
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -74,9 +85,28 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
              "name": "log_gamma"}]
 
 
-def learning_rate(cfg: TrainConfig, epoch: int) -> float:
-    """The paper's step schedule: halve every `lr_halve_every_epochs` epochs."""
-    return cfg.lr * 0.5 ** (epoch // cfg.lr_halve_every_epochs)
+def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0) -> float:
+    """The paper's step schedule (halve every `lr_halve_every_epochs` epochs), times the batch-size
+    scaling rule, times a linear warmup over the first `warmup_steps` optimizer steps (`step` from 0)."""
+    ratio = cfg.batch_size / cfg.lr_reference_batch
+    scale = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
+    warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    return cfg.lr * scale * warmup * 0.5 ** (epoch // cfg.lr_halve_every_epochs)
+
+
+def accumulate(model: nn.Module, inputs: list[torch.Tensor], rounds: int, amp: str, device: torch.device,
+               scaler: torch.amp.GradScaler) -> dict[str, torch.Tensor]:
+    """Gradient accumulation: forward/backward over `rounds` equal slices of the rank's batch, each loss
+    weighted 1/rounds, so the gradient is the mean-loss one of the whole batch. The loss terms returned
+    are the rounds' means (detached), as one pass over the batch would report them."""
+    total: dict[str, torch.Tensor] = {}
+    for part in zip(*(t.chunk(rounds) for t in inputs), strict=True):
+        with precision.autocast(amp, device):
+            terms = model(*part)
+        scaler.scale(terms["loss"] / rounds).backward()
+        for k, v in terms.items():
+            total[k] = total.get(k, 0) + v.detach() / rounds
+    return total
 
 
 def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag | None = None) -> TrainResult:
@@ -101,6 +131,7 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     optimizer = precision.adam(param_groups(model, cfg), cfg.lr, betas, cfg.adam_eps, info.device)
     scaler = precision.grad_scaler(amp, info.device)
+    rounds = accumulation_rounds(cfg, info.world_size)
     if cfg.compile:  # after SyncBN and replicas: they see the plain modules; compile wraps the forward only
         precision.compile_forward(model)
     store = CheckpointStore(job.layout.checkpoints(job.name), keep=cfg.keep_checkpoints)
@@ -164,10 +195,10 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     last_metrics: dict[str, float] = {}
     while step < total_steps:
         epoch = step // steps_per_epoch
-        lr = learning_rate(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
         for batch in loader.epoch(epoch, start_step=step % steps_per_epoch):
+            lr = learning_rate(cfg, epoch, step)  # per step: warmup changes it within an epoch
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             # Agree on stopping before the step, so every rank stops at the same one.
             if dist.any_rank(stop.is_set(), info.device):
                 save()
@@ -176,10 +207,13 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
             # One optimizer step.
             inputs = [precision.to_memory_format(t.to(info.device, non_blocking=True), memory_format)
                       for t in job.inputs(batch, epoch)]
-            with precision.autocast(amp, info.device):
-                terms = model(*inputs)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["loss"]).backward()
+            if rounds == 1:
+                with precision.autocast(amp, info.device):
+                    terms = model(*inputs)
+                scaler.scale(terms["loss"]).backward()
+            else:
+                terms = accumulate(model, inputs, rounds, amp, info.device, scaler)
             replicas.sync()
             scaler.step(optimizer)
             scaler.update()
