@@ -22,3 +22,4 @@ def test_batched_draw_equals_the_per_sample_draw_bit_for_bit() -> None:
     assert torch.equal(keyed_normal(keys[10:12], 16, 3, "stage1", 5), batch[10:12])  # batch-independent
     assert not torch.equal(keyed_normal(keys[:2], 16, 3, "stage1", 6), batch[:2])  # the epoch is a key part
     assert keyed_normal([], 16, 3).shape == (0, 16)
+    assert torch.equal(keyed_normal(keys[:1], 8)[0], _per_sample(keys[0], 8))  # no parts: the key alone
