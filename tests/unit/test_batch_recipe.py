@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -76,3 +77,24 @@ def test_batch_recipe_validation_names_the_key(override: list[str], key: str) ->
 def test_a_valid_accumulation_recipe_composes() -> None:
     cfg = compose(["cluster.tasks_per_node=1", "stage1.batch_gpu=16", "stage1.warmup_steps=100"])
     assert accumulation_rounds(cfg.stage1, 1) == 4
+
+
+def test_stage1_trains_with_accumulation_and_warmup(tmp_path) -> None:
+    import json
+
+    from tests.stagerun import tiny_overrides
+    from tsvae_dist.stages import stage1
+
+    torch.set_num_threads(1)
+    cfg = compose(tiny_overrides(tmp_path / "data", tmp_path / "run", **{
+        "stage1.epochs": 1, "stage1.loader.workers": 0, "stage1.batch_gpu": 8, "stage1.warmup_steps": 8,
+        "stage1.log_every_steps": 4, "stage1.lr_scaling": "linear", "stage1.lr_reference_batch": 64,
+        "cluster.tasks_per_node": 1}))
+    assert accumulation_rounds(cfg.stage1, 1) == 4  # 32 per step in 4 passes of 8
+    stage1.run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    # lr 1e-3 x 32/64, warmed up over 8 steps: the lr logged is the one of the line's last step (step - 1).
+    assert lrs[4] == pytest.approx(0.5e-3 * 4 / 8) and lrs[8] == pytest.approx(0.5e-3) and lrs[16] == pytest.approx(
+        0.5e-3)
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
