@@ -22,7 +22,9 @@ from tsvae_dist.layout import AGGREGATE, STAGES, RunLayout
 from tsvae_dist.models.config import GAMMA_MODES, ModelConfig
 
 DATASETS = ("synthetic", "mnist", "fashion", "cifar10", "celeba64", "celeba128", "celeba256", "celebahq128", "folder")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 @dataclass
@@ -32,11 +34,21 @@ class TrainConfig:
     batch_size: int = 64  # the *global* batch (the paper's); each rank gets batch_size / world_size
     epochs: int = 400  # passes over the training split (the paper: 400 stage 1, 800 stage 2)
     lr: float = 1e-4  # Adam learning rate at the start
+    batch_gpu: int = 0  # samples per forward pass on each rank (EDM2's batch_gpu); 0 = batch_size / world. Below
+    # that, each step accumulates gradients over batch_size / (batch_gpu x world) rounds: the same update
+    lr_scaling: str = "none"  # none | linear | sqrt: lr is scaled by (batch_size / lr_reference_batch)^{1, 1/2}
+    lr_reference_batch: int = 64  # the batch `lr` is tuned for (the paper's 64)
+    warmup_steps: int = 0  # linear lr warmup over this many optimizer steps (0 = none, as in the paper)
     lr_halve_every_epochs: int = 150  # step schedule: lr halves every this many epochs (paper: 150 / 300)
     adam_beta1: float = 0.9  # Adam's beta1 (TF default, as in the paper's code)
     adam_beta2: float = 0.999  # Adam's beta2
     adam_eps: float = 1e-8  # Adam's epsilon
-    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast; loss terms with γ are always fp32
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA, fp32 on CPU) autocast; loss terms with
+    # γ are always fp32. Checkpoints record the resolved value, so a resume on another device kind is refused
+    memory_format: str = "auto"  # auto (channels_last for conv models on CUDA, else contiguous) | channels_last |
+    # contiguous: the layout of the model's weights and image batches; checkpoints record the resolved value
+    compile: bool = False  # opt-in: torch.compile the model's forward (faster steps after a compile per shape;
+    # off by default because the compile time and compiler availability vary by machine)
     gamma: str = "learned"  # decoder std γ (γ_x / γ_z): learned (the paper: trained log γ, from 0) | optimal
     # (σ-VAE's closed form: γ² = the batch's MSE per dimension, no gradient through γ; log_gamma then
     # holds the bias-corrected EMA of it, for the report and stage-2 sampling; see models/gamma.py)
@@ -128,7 +140,7 @@ class RunConfig:
     nodes: int = 1  # shorthand for cluster.nodes (`nodes=4` on the command line)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    stage1: TrainConfig = field(default_factory=TrainConfig)
+    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(precision="auto"))
     # Stage 2 is fp32: dense layers on 64-sample batches gain nothing from autocast, and γ_z → 0 fast.
     stage2: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=800, lr_halve_every_epochs=300, batch_size=64, precision="fp32")
@@ -180,10 +192,19 @@ def validate_train(cfg: TrainConfig, name: str, world: int) -> None:
         f"{name}.batch_size: {cfg.batch_size} is not divisible by the world size {world} "
         "(cluster.nodes x cluster.tasks_per_node)",
     )
+    _check(cfg.batch_gpu >= 0, f"{name}.batch_gpu: must be >= 0 (0 = batch_size / world), got {cfg.batch_gpu}")
+    _check(cfg.batch_gpu == 0 or cfg.batch_size % (cfg.batch_gpu * world) == 0,
+           f"{name}.batch_gpu: batch_size {cfg.batch_size} is not batch_gpu {cfg.batch_gpu} x world {world} "
+           "x a whole number of accumulation rounds")
+    _check(cfg.lr_scaling in LR_SCALINGS, f"{name}.lr_scaling: {cfg.lr_scaling!r} is not one of {LR_SCALINGS}")
+    _check(cfg.lr_reference_batch > 0, f"{name}.lr_reference_batch: must be positive, got {cfg.lr_reference_batch}")
+    _check(cfg.warmup_steps >= 0, f"{name}.warmup_steps: must be >= 0, got {cfg.warmup_steps}")
     _check(cfg.epochs > 0, f"{name}.epochs: must be positive, got {cfg.epochs}")
     _check(cfg.lr > 0, f"{name}.lr: must be positive, got {cfg.lr}")
     _check(cfg.lr_halve_every_epochs > 0, f"{name}.lr_halve_every_epochs: must be positive")
     _check(cfg.precision in PRECISIONS, f"{name}.precision: {cfg.precision!r} is not one of {PRECISIONS}")
+    _check(cfg.memory_format in MEMORY_FORMATS,
+           f"{name}.memory_format: {cfg.memory_format!r} is not one of {MEMORY_FORMATS}")
     _check(cfg.gamma in GAMMA_MODES, f"{name}.gamma: {cfg.gamma!r} is not one of {GAMMA_MODES}")
     _check(cfg.gamma_lr >= 0, f"{name}.gamma_lr: must be >= 0 (0 = lr), got {cfg.gamma_lr}")
     _check(cfg.gamma_lr == 0 or cfg.gamma == "learned",

@@ -170,6 +170,19 @@ def _stage2_curve_lines(curves: dict[str, list[list[float]]]) -> list[str]:
     return [*lines, ""]
 
 
+PAPER_PROTOCOL = {"batch_size": 64, "lr": 1e-4, "lr_scaling": "none", "warmup_steps": 0}  # both stages
+
+
+def protocol_deviations(stages: dict[str, Any]) -> list[str]:
+    """The training settings that differ from the paper's protocol, one "stage.key=value (paper: v)" each.
+
+    `stages`: stage name -> its TrainConfig. Gradient accumulation (`batch_gpu`) is not one: the update
+    is the global batch's either way."""
+    return [f"{stage}.{key}={getattr(cfg, key)} (paper: {paper})"
+            for stage, cfg in stages.items() for key, paper in PAPER_PROTOCOL.items()
+            if getattr(cfg, key) != paper]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable report.md from report.json's content."""
     a, fid = report["active_dims"], report["fid"]
@@ -191,6 +204,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| Fréchet distance q(u) to N(0, I) | {_fmt(report['frechet_to_prior']['u'])} |",
         "",
     ]
+    deviations = report.get("protocol_deviations") or []
+    if deviations:  # so a result is not read as the paper's recipe when it is not
+        lines += [f"Deviations from the paper's protocol: {', '.join(deviations)}.", ""]
     verdict = prior_verdict(report["frechet_to_prior"])
     if verdict:
         lines += [f"Verdict: {verdict}.", ""]

@@ -110,3 +110,19 @@ def test_stage2_curves_and_the_prior_verdict_in_the_report(tmp_path):
 
     png = plot_png({"stage1": [[0, 1.0], [64, 0.5]]}, [0.01, 0.5], 0.05, stage2_loss=curves["loss"])
     assert png.startswith(b"\x89PNG") and len(png) > len(plot_png({}, [0.01, 0.5], 0.05))
+
+
+def test_deviations_from_the_paper_protocol_are_listed():
+    from tsvae_dist.config import TrainConfig
+    from tsvae_dist.report import protocol_deviations
+
+    paper = {"stage1": TrainConfig(), "stage2": TrainConfig(epochs=800, batch_gpu=16)}  # accumulation: same update
+    assert protocol_deviations(paper) == []
+    assert "Deviations" not in render_markdown(_report(protocol_deviations=[]))
+    ours = protocol_deviations({"stage1": TrainConfig(batch_size=512, lr_scaling="sqrt", warmup_steps=500),
+                                "stage2": TrainConfig()})
+    assert ours == ["stage1.batch_size=512 (paper: 64)", "stage1.lr_scaling=sqrt (paper: none)",
+                    "stage1.warmup_steps=500 (paper: 0)"]
+    md = render_markdown(_report(protocol_deviations=ours))
+    assert ("Deviations from the paper's protocol: stage1.batch_size=512 (paper: 64), "
+            "stage1.lr_scaling=sqrt (paper: none), stage1.warmup_steps=500 (paper: 0).") in md

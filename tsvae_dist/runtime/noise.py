@@ -20,9 +20,12 @@ def stable_seed(*parts: object) -> int:
 
 def keyed_normal(keys: Sequence[str], dim: int, *parts: object) -> torch.Tensor:
     """A [len(keys), dim] float32 standard-normal tensor, row i drawn from seed (parts..., keys[i])."""
+    # One generator per row is what keys the noise by sample (no batched draw gives those bits): the
+    # seeds are hashed up front and each row is drawn straight into the output, with no temporaries.
+    prefix = ("\x1f".join(map(str, parts)),) if parts else ()  # joins as stable_seed(*parts, key) would
     out = torch.empty(len(keys), dim)
     gen = torch.Generator()
-    for i, key in enumerate(keys):
-        gen.manual_seed(stable_seed(*parts, key))
-        out[i] = torch.randn(dim, generator=gen)
+    for row, key in zip(out, keys, strict=True):
+        gen.manual_seed(stable_seed(*prefix, key))
+        torch.randn(dim, generator=gen, out=row)
     return out

@@ -39,6 +39,7 @@ from tsvae_dist.report import (
     gamma_convergence,
     plot_png,
     prior_verdict,
+    protocol_deviations,
     read_metrics,
     render_markdown,
     split_info,
@@ -108,11 +109,12 @@ class Sums:
 
 
 def _fingerprint(cfg: RunConfig, n_test: int, units: list[tuple[str, int]], fid: FIDEvaluator | None,
-                 world: int) -> str:
-    """What partial sums depend on: models, data, the units, the FID sets. A resume must match it."""
+                 world: int, device: torch.device) -> str:
+    """What partial sums depend on: models, data, the units, the FID sets, the precision as resolved on
+    `device` (auto is bf16 on CUDA only). A resume must match it."""
     parts = [records.sha256_of(cfg.layout.model(s)) for s in TRAINING_STAGES]
     parts += [records.sha256_of(manifest_url(cfg.dataset_root)), cfg.seed, n_test,
-              cfg.eval.num_samples, cfg.eval.batch_size, cfg.stage1.precision, units, world]
+              cfg.eval.num_samples, cfg.eval.batch_size, precision.resolve(cfg.stage1.precision, device), units, world]
     parts += [sorted(fid.stats), fid.reference_url] if fid is not None else ["no-fid"]
     return f"{stable_seed(*parts):016x}"
 
@@ -268,7 +270,8 @@ def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
                        cfg.eval.batch_size)
     sums = Sums(cfg.model.latent_dim, fid)
     store = PartialStore(layout.partial_sums_of(info.rank, info.world_size),
-                         _fingerprint(cfg, n_test, units, fid, info.world_size), cfg.eval.checkpoint_every_s)
+                         _fingerprint(cfg, n_test, units, fid, info.world_size, info.device),
+                         cfg.eval.checkpoint_every_s)
     if store.load(sums):
         log.info("evaluate: rank %d resumes with %d of its units done", info.rank, len(sums.done))
     _run_units(cfg, info, data, units, n_test, stage1, stage2, sums, store, stop)
@@ -315,6 +318,7 @@ def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
         "frechet_to_prior": frechet,
         "prior_verdict": prior_verdict(frechet),
         "stage1_convergence": convergence,
+        "protocol_deviations": protocol_deviations({"stage1": cfg.stage1, "stage2": cfg.stage2}),
         "fid": {"status": fid_status, **fid_result},
         "paper_table1": PAPER_TABLE1.get(cfg.dataset.name),
         "paper_table2": PAPER_TABLE2.get(cfg.dataset.name) if cfg.model.family == "wae" else None,

@@ -119,6 +119,13 @@ def resume_config(cfg: RunConfig, stage: str, streams: int) -> dict[str, Any]:
     return {"seed": c["seed"], "dataset": c["dataset"], "model": c["model"], stage: train_cfg}
 
 
+def resolved(config: dict[str, Any], stage: str, **effective: Any) -> dict[str, Any]:
+    """`config` (a `resume_config`) with stage `stage`'s settings replaced by their effective values
+    (`precision="auto"` by what it resolved to on this device), so that is what a checkpoint records
+    and a resume compares."""
+    return {**config, stage: {**config[stage], **effective}}
+
+
 _MISSING = object()
 
 

@@ -26,7 +26,7 @@ from tsvae_dist.models.sync_bn import convert_sync_batchnorm
 from tsvae_dist.runtime import dist
 from tsvae_dist.runtime.preemption import Preempted, StopFlag
 from tsvae_dist.train import precision
-from tsvae_dist.train.checkpoint import CheckpointStore, check_resumable
+from tsvae_dist.train.checkpoint import CheckpointStore, check_resumable, resolved
 from tsvae_dist.train.metrics import MetricsLog, MetricsWindow
 from tsvae_dist.train.replicas import Replicas
 
@@ -54,11 +54,22 @@ class TrainResult:
     skipped_samples: int = 0  # bad samples all ranks skipped in this attempt (loader.max_skipped_samples)
 
 
+def batch_gpu(cfg: TrainConfig, world_size: int) -> int:
+    """Samples per forward pass on each rank: `cfg.batch_gpu`, or the whole per-rank share of the batch."""
+    return cfg.batch_gpu or cfg.batch_size // world_size
+
+
+def accumulation_rounds(cfg: TrainConfig, world_size: int) -> int:
+    """Forward/backward rounds per optimizer step (EDM2's num_accumulation_rounds); validated to divide."""
+    return cfg.batch_size // (batch_gpu(cfg, world_size) * world_size)
+
+
 def use_sync_bn(cfg: TrainConfig, world_size: int) -> bool:
-    """SyncBN makes BatchNorm see the global batch; on by default when the per-rank batch is small."""
+    """SyncBN makes BatchNorm see the global batch; on by default when the batch one forward pass
+    sees on a rank (`batch_gpu`) is small."""
     if cfg.sync_bn != "auto":
         return cfg.sync_bn == "on"
-    return world_size > 1 and cfg.batch_size // world_size < 64
+    return world_size > 1 and batch_gpu(cfg, world_size) < 64
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -74,9 +85,28 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
              "name": "log_gamma"}]
 
 
-def learning_rate(cfg: TrainConfig, epoch: int) -> float:
-    """The paper's step schedule: halve every `lr_halve_every_epochs` epochs."""
-    return cfg.lr * 0.5 ** (epoch // cfg.lr_halve_every_epochs)
+def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0) -> float:
+    """The paper's step schedule (halve every `lr_halve_every_epochs` epochs), times the batch-size
+    scaling rule, times a linear warmup over the first `warmup_steps` optimizer steps (`step` from 0)."""
+    ratio = cfg.batch_size / cfg.lr_reference_batch
+    scale = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
+    warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    return cfg.lr * scale * warmup * 0.5 ** (epoch // cfg.lr_halve_every_epochs)
+
+
+def accumulate(model: nn.Module, inputs: list[torch.Tensor], rounds: int, amp: str, device: torch.device,
+               scaler: torch.amp.GradScaler) -> dict[str, torch.Tensor]:
+    """Gradient accumulation: forward/backward over `rounds` equal slices of the rank's batch, each loss
+    weighted 1/rounds, so the gradient is the mean-loss one of the whole batch. The loss terms returned
+    are the rounds' means (detached), as one pass over the batch would report them."""
+    total: dict[str, torch.Tensor] = {}
+    for part in zip(*(t.chunk(rounds) for t in inputs), strict=True):
+        with precision.autocast(amp, device):
+            terms = model(*part)
+        scaler.scale(terms["loss"] / rounds).backward()
+        for k, v in terms.items():
+            total[k] = total.get(k, 0) + v.detach() / rounds
+    return total
 
 
 def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag | None = None) -> TrainResult:
@@ -88,20 +118,29 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     # Set up the kernels, the model, its replicas on the other ranks and the optimizer.
     precision.configure_kernels(cfg.deterministic, cfg.tf32, info.device)
     model = job.model.to(info.device)  # before converting BN: on CUDA that picks torch's fused SyncBatchNorm
+    # Kernel settings resolved for this device ("auto"); the checkpoint records these, not "auto".
+    amp = precision.resolve(cfg.precision, info.device)
+    memory_format = precision.resolve_memory_format(cfg.memory_format, model, info.device)
+    if memory_format == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    run_config = resolved(job.resume_config, job.name, precision=amp, memory_format=memory_format)
     sync_bn = info.distributed and use_sync_bn(cfg, info.world_size)
     if sync_bn:
         model = convert_sync_batchnorm(model)
     replicas = Replicas(model, average_buffers=not sync_bn)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     optimizer = precision.adam(param_groups(model, cfg), cfg.lr, betas, cfg.adam_eps, info.device)
-    scaler = precision.grad_scaler(cfg.precision, info.device)
+    scaler = precision.grad_scaler(amp, info.device)
+    rounds = accumulation_rounds(cfg, info.world_size)
+    if cfg.compile:  # after SyncBN and replicas: they see the plain modules; compile wraps the forward only
+        precision.compile_forward(model)
     store = CheckpointStore(job.layout.checkpoints(job.name), keep=cfg.keep_checkpoints)
 
     # Load the previous checkpoint, if any, and decide where to start.
     step = 0
     state = store.load_latest()
     if state is not None:
-        check_resumable(state["config"], job.resume_config, state["url"])
+        check_resumable(state["config"], run_config, state["url"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -136,7 +175,7 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
                         "samples_seen": step * cfg.batch_size,
                         "epoch": step // steps_per_epoch,
                         "step_in_epoch": step % steps_per_epoch,
-                        "config": job.resume_config,
+                        "config": run_config,
                         "world_size": info.world_size,
                         "window": window_state,
                         # Nothing in the loop draws from the global generators (noise is keyed by sample),
@@ -177,10 +216,10 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     first_step = step
     while step < total_steps:
         epoch = step // steps_per_epoch
-        lr = learning_rate(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
         for batch in loader.epoch(epoch, start_step=step % steps_per_epoch):
+            lr = learning_rate(cfg, epoch, step)  # per step: warmup changes it within an epoch
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             # Agree on stopping before the step, so every rank stops at the same one; only every
             # `stop_check_every_steps` steps, since the agreement is a host sync that stalls the device.
             if step % cfg.stop_check_every_steps == 0:
@@ -192,11 +231,15 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
                     save()
 
             # One optimizer step.
-            inputs = [t.to(info.device, non_blocking=True) for t in job.inputs(batch, epoch)]
-            with precision.autocast(cfg.precision, info.device):
-                terms = model(*inputs)
+            inputs = [precision.to_memory_format(t.to(info.device, non_blocking=True), memory_format)
+                      for t in job.inputs(batch, epoch)]
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["loss"]).backward()
+            if rounds == 1:
+                with precision.autocast(amp, info.device):
+                    terms = model(*inputs)
+                scaler.scale(terms["loss"]).backward()
+            else:
+                terms = accumulate(model, inputs, rounds, amp, info.device, scaler)
             replicas.sync()
             scaler.step(optimizer)
             scaler.update()

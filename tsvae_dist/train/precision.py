@@ -16,11 +16,42 @@ import torch
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve(precision: str, device: torch.device) -> str:
+    """The effective precision: "auto" is bf16 on CUDA (fp32's range, tensor-core speed) and fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def autocast(precision: str, device: torch.device) -> ContextManager:
-    """The forward-pass context for `precision` ("fp32" is a no-op)."""
+    """The forward-pass context for `precision` ("fp32" is a no-op; "auto" is resolved for `device`)."""
+    precision = resolve(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def resolve_memory_format(setting: str, model: torch.nn.Module, device: torch.device) -> str:
+    """The effective memory format: "auto" is channels_last for a convolutional model on CUDA (cuDNN's
+    NHWC kernels are the fast ones under bf16/TF32), contiguous otherwise (CPU, MLPs)."""
+    if setting != "auto":
+        return setting
+    has_conv = any(isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d) for m in model.modules())
+    return "channels_last" if device.type == "cuda" and has_conv else "contiguous"
+
+
+def to_memory_format(t: torch.Tensor, memory_format: str) -> torch.Tensor:
+    """`t` in `memory_format` when it is an image batch (4-D); other inputs pass unchanged."""
+    if memory_format == "channels_last" and t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def compile_forward(model: torch.nn.Module) -> torch.nn.Module:
+    """Compile `model`'s forward in place (nn.Module.compile: the state-dict keys stay the same, so
+    checkpoints load either way). Opt-in: the first steps pay the compile time, per shape."""
+    model.compile()
+    return model
 
 
 def configure_kernels(deterministic: bool, tf32: bool, device: torch.device) -> None:
