@@ -107,8 +107,8 @@ def test_loss_terms_are_float32_under_bf16_autocast():
         out = model(x, eps)
         mu, log_sigma = model.encode(x)
         logits = model.decode_logits(mu + log_sigma.exp() * eps)
-    # The decoder really ran in bf16, so the fp32 terms are the module's doing.
-    assert logits.dtype == torch.bfloat16
+    # The decoder's last layer runs in fp32 under autocast (models/layers.fp32), so its logits are fp32.
+    assert logits.dtype == torch.float32
     for name, value in out.items():
         assert value.dtype == torch.float32, name
     # The same terms in float64 from the very same (bf16-rounded) decoder output.
@@ -117,7 +117,7 @@ def test_loss_terms_are_float32_under_bf16_autocast():
     torch.testing.assert_close(out["nll"].double(), nll64, rtol=1e-5, atol=0)
     # In bf16 the same term would be off by far more than that.
     nll_bf16 = gaussian_nll(
-        x.bfloat16(), torch.sigmoid(logits), torch.tensor(-6.0, dtype=torch.bfloat16)
+        x.bfloat16(), torch.sigmoid(logits.bfloat16()), torch.tensor(-6.0, dtype=torch.bfloat16)
     ).mean()
     assert abs(nll_bf16.double() - nll64) > 1e-4 * abs(nll64)
 
