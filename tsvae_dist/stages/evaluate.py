@@ -96,7 +96,7 @@ class Sums:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sq_err, self.pixels, self.var_sum = state["sq_err"], state["pixels"], state["var_sum"]
         self.skipped = state.get("skipped", torch.zeros((), dtype=torch.float64))
-        self.z_sq_err = state.get("z_sq_err", torch.zeros_like(self.var_sum))
+        self.z_sq_err = state["z_sq_err"]
         self.z.load_state_dict(state["z"])
         self.u.load_state_dict(state["u"])
         self.done = list(state["done"])
@@ -118,6 +118,7 @@ def _fingerprint(cfg: RunConfig, n_test: int, units: list[tuple[str, int]], fid:
     parts += [records.sha256_of(manifest_url(cfg.dataset_root)), cfg.seed, n_test,
               cfg.eval.num_samples, cfg.eval.batch_size, cfg.stage1.precision, units, world]
     parts += [sorted(fid.stats), fid.reference_url] if fid is not None else ["no-fid"]
+    parts.append("sums:z_sq_err")  # what Sums holds: partial sums saved before stage 2's error was summed lack it
     return f"{stable_seed(*parts):016x}"
 
 
