@@ -183,6 +183,31 @@ def protocol_deviations(stages: dict[str, Any]) -> list[str]:
             if getattr(cfg, key) != paper]
 
 
+def stage2_inactive_error(sq_err_per_dim: list[float], posterior_var: list[float],
+                          threshold: float) -> dict[str, Any]:
+    """How much of stage 2's reconstruction error E[(z − ẑ)²] sits in z's inactive dimensions.
+
+    Inactive as the active-dims count has it (mean posterior σ² ≥ `threshold`): those dims of q(z) are
+    noise the stage-1 decoder ignores, so a stage 2 spending its error there still reproduces the
+    manifold; a large share in the active dims is what would hurt samples. `share` is None when the
+    total error is zero.
+    """
+    assert len(sq_err_per_dim) == len(posterior_var), "one error and one variance per latent dimension"
+    total = float(sum(sq_err_per_dim))
+    inactive = float(sum(e for e, v in zip(sq_err_per_dim, posterior_var, strict=True) if v >= threshold))
+    return {"share": inactive / total if total > 0 else None, "inactive": inactive, "total": total,
+            "per_dim": [float(e) for e in sq_err_per_dim]}
+
+
+def _stage2_error_line(report: dict[str, Any]) -> list[str]:
+    """The diagnostics-table row of stage 2's error in inactive dims (absent from older reports)."""
+    e = report.get("stage2_error")
+    if not e:
+        return []
+    share = "n/a" if e["share"] is None else f"{100 * e['share']:.1f}%"
+    return [f"| share of stage-2 error E[(z − ẑ)²] in inactive dims | {share} of {_fmt(e['total'])} |"]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable report.md from report.json's content."""
     a, fid = report["active_dims"], report["fid"]
@@ -202,6 +227,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (f" (true dimension {a['true_dim']})" if a["true_dim"] is not None else "") + " |",
         f"| Fréchet distance q(z) to N(0, I) | {_fmt(report['frechet_to_prior']['z'])} |",
         f"| Fréchet distance q(u) to N(0, I) | {_fmt(report['frechet_to_prior']['u'])} |",
+        *_stage2_error_line(report),
         "",
     ]
     deviations = report.get("protocol_deviations") or []

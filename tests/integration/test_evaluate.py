@@ -106,6 +106,11 @@ def test_fid_world_1_then_cached_reference_and_world_2(tiny_run, world1_report):
     assert one["stage2_curves"]["loss"] and one["stage2_curves"]["gamma"]
     assert one["prior_verdict"].startswith("stage 2 ") and one["stage1_convergence"]["mode"] == "optimal"
     assert "Verdict: stage 2 " in markdown and "## Stage 2 training" in markdown
+    err, var, thr = one["stage2_error"], one["active_dims"]["posterior_variance"], one["active_dims"]["threshold"]
+    assert len(err["per_dim"]) == 8 and err["total"] == pytest.approx(sum(err["per_dim"])) and err["total"] > 0
+    inactive = sum(e for e, v in zip(err["per_dim"], var, strict=True) if v >= thr)
+    assert err["share"] == pytest.approx(inactive / err["total"])
+    assert f"| share of stage-2 error E[(z − ẑ)²] in inactive dims | {100 * err['share']:.1f}% of" in markdown
 
     # A later evaluation (world size 2 this time) reads the cached reference, never rewrites it.
     stat = reference.stat()
@@ -121,6 +126,7 @@ def test_fid_world_1_then_cached_reference_and_world_2(tiny_run, world1_report):
     for key in ("reconstruction_mse", "gamma_x", "gamma_z"):
         assert two[key] == pytest.approx(one[key], rel=1e-9)
     assert two["frechet_to_prior"]["z"] == pytest.approx(one["frechet_to_prior"]["z"], rel=1e-9)
+    assert two["stage2_error"]["per_dim"] == pytest.approx(one["stage2_error"]["per_dim"], rel=1e-9)  # reduced
     assert two["active_dims"]["posterior_variance"] == pytest.approx(one["active_dims"]["posterior_variance"],
                                                                      rel=1e-9)
 

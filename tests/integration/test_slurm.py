@@ -344,3 +344,55 @@ def test_torchrun_runs_a_stage_with_the_same_config(tmp_path: Path) -> None:
     run_stage("encode", overrides, nproc=2)
     latents = json.loads((run_dir / "encode" / "latents" / "manifest.json").read_text())
     assert latents["splits"]["train"]["count"] == 512 and latents["splits"]["test"]["count"] == 128
+
+
+def test_two_seeds_run_as_parallel_chains_then_the_aggregate_and_a_rerun_submits_nothing(
+        slurm_env: dict[str, str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    command = [*tiny_overrides(tmp_path / "data", run_dir, seeds=2, seed=5, **{
+        "stage1.epochs": 1, "stage2.epochs": 1, "eval.fid": "off"}),
+        "cluster=slurm", "nodes=1", "cluster.tasks_per_node=1", "cluster.poll_s=1"]
+    first = submit(command, timeout=1200)
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+
+    # One chain per seed, each stage afterok on the one before; both chains submitted before any is followed.
+    chains = [submissions(run_dir / f"seed-{k}")[0]["jobs"] for k in range(2)]
+    for jobs in chains:
+        assert list(jobs) == list(STAGES)
+        for before, stage in itertools.pairwise(STAGES):  # the sbatch dependency each job was submitted with
+            assert re.search(rf"^{stage}: submitted as Slurm job {jobs[stage]} \(.*, afterok:{jobs[before]}\)$",
+                             first.stdout, re.M), first.stdout
+    assert first.stdout.index(f"job {chains[1]['stage1']}") < first.stdout.index("following")
+    # The aggregate waits on both chains' last jobs.
+    agg_jobs = submissions(run_dir)[0]["jobs"]
+    assert list(agg_jobs) == ["aggregate"]
+    line = re.search(rf"^aggregate: submitted as Slurm job {agg_jobs['aggregate']} .*$", first.stdout, re.M)
+    assert line and f"afterok:{chains[0]['evaluate']}:{chains[1]['evaluate']}" in line.group(0), first.stdout
+    states = {row[0]: row[1].split()[0] for row in
+              sacct([j for jobs in chains for j in jobs.values()] + [agg_jobs["aggregate"]], "JobIDRaw,State")}
+    assert set(states.values()) == {"COMPLETED"}, states
+    # The two chains overlapped: seed-1's stage 1 started before seed-0's evaluate ended.
+    times = {row[0]: row[1:] for row in sacct([chains[0]["evaluate"], chains[1]["stage1"]], "JobIDRaw,Start,End")}
+    assert times[chains[1]["stage1"]][0] < times[chains[0]["evaluate"]][1], times
+
+    # Both seeds' runs, with their seeds, and the aggregate's mean ± std over them.
+    reports = [json.loads((run_dir / f"seed-{k}" / "evaluate" / "report.json").read_text()) for k in range(2)]
+    assert [r["run_dir"] for r in reports] == [str(run_dir / f"seed-{k}") for k in range(2)]
+    agg = json.loads((run_dir / "aggregate" / "report.json").read_text())
+    assert agg["seeds"] == [5, 6]
+    gammas = [r["gamma_x"] for r in reports]
+    assert agg["metrics"]["gamma_x"]["mean"] == pytest.approx(sum(gammas) / 2)
+    assert agg["metrics"]["gamma_x"]["std"] == pytest.approx(abs(gammas[0] - gammas[1]) / 2 ** 0.5)
+    assert "± " in (run_dir / "aggregate" / "report.md").read_text()
+
+    # status lists every seed's stages and the aggregate.
+    status = submit([*command, "action=status"])
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.count("COMPLETED") == 9, status.stdout
+
+    # A re-run submits nothing: every seed and the aggregate are done.
+    again = submit(command)
+    assert again.returncode == 0, again.stderr
+    assert "submitted as Slurm job" not in again.stdout, again.stdout
+    assert "seed-0 (seed 5): done, skipped" in again.stdout and "aggregate: done, skipped" in again.stdout
+    assert len(submissions(run_dir)) == 1 and all(len(submissions(run_dir / f"seed-{k}")) == 1 for k in range(2))

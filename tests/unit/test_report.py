@@ -19,6 +19,7 @@ from tsvae_dist.report import (
     read_metrics,
     render_markdown,
     split_info,
+    stage2_inactive_error,
 )
 
 
@@ -126,3 +127,29 @@ def test_deviations_from_the_paper_protocol_are_listed():
     md = render_markdown(_report(protocol_deviations=ours))
     assert ("Deviations from the paper's protocol: stage1.batch_size=512 (paper: 64), "
             "stage1.lr_scaling=sqrt (paper: none), stage1.warmup_steps=500 (paper: 0).") in md
+
+
+def test_stage2_error_share_in_inactive_dims_from_constructed_latents() -> None:
+    """z and ẑ built so that dims 0-1 (active: σ² 0.01) carry squared errors 1 and 4 per sample and dims
+    2-3 (inactive: σ² 0.9, 1.0) carry 9 and 36: the inactive share is 45/50."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(100, 4, generator=g, dtype=torch.float64)
+    offsets = torch.tensor([1.0, -2.0, 3.0, 6.0], dtype=torch.float64)
+    signs = torch.where(torch.arange(100) % 2 == 0, 1.0, -1.0).to(torch.float64)[:, None]
+    z_hat = z + signs * offsets
+    per_dim = ((z - z_hat) ** 2).mean(0).tolist()
+    out = stage2_inactive_error(per_dim, [0.01, 0.01, 0.9, 1.0], threshold=0.05)
+    assert out["share"] == pytest.approx(45 / 50) and out["inactive"] == pytest.approx(45)
+    assert out["total"] == pytest.approx(50)
+    # The threshold decides: at 0.95 only dim 3 is inactive; at exactly a dim's σ² that dim is inactive.
+    assert stage2_inactive_error(per_dim, [0.01, 0.01, 0.9, 1.0], 0.95)["share"] == pytest.approx(36 / 50)
+    assert stage2_inactive_error(per_dim, [0.01, 0.01, 0.9, 1.0], 0.9)["share"] == pytest.approx(45 / 50)
+    assert stage2_inactive_error([0.0, 0.0], [1.0, 1.0], 0.05)["share"] is None
+
+
+def test_markdown_has_the_stage2_error_share_row() -> None:
+    report = _report(stage2_error={"share": 0.9, "inactive": 45.0, "total": 50.0, "per_dim": [1, 4, 9, 36]})
+    assert "| share of stage-2 error E[(z − ẑ)²] in inactive dims | 90.0% of 50 |" in render_markdown(report)
+    assert "stage-2 error" not in render_markdown(_report())  # a report from before the field: no row

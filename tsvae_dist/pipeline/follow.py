@@ -15,7 +15,7 @@ import time
 from tsvae_dist import storage
 from tsvae_dist.config import RunConfig
 from tsvae_dist.data.shardformat import read_manifest
-from tsvae_dist.layout import STAGES, TRAINING_STAGES, checkpoint_samples
+from tsvae_dist.layout import AGGREGATE, JOBS, STAGES, TRAINING_STAGES, checkpoint_samples
 from tsvae_dist.pipeline.slurm import ACTIVE_STATES, JobRecord, SlurmError, accounting, command, latest_jobs
 from tsvae_dist.storage import StorageError
 
@@ -260,7 +260,7 @@ def format_status(cfg: RunConfig, rows: list[dict[str, str]]) -> str:
 
 def follow(cfg: RunConfig, jobs: dict[str, str], folder: str) -> None:
     """Poll accounting until every job completed (return) or one failed and its dependents ended (raise)."""
-    order = [s for s in STAGES if s in jobs]
+    order = [s for s in JOBS if s in jobs]  # the aggregate job of seeds > 1 is followed like a stage
     seen: dict[str, tuple[str, int]] = {}
     shown_progress: dict[str, str] = {}
     failed_at: float | None = None
@@ -342,3 +342,22 @@ def slurm_status(cfg: RunConfig) -> None:
         print(f"run_dir: {cfg.run_dir}: no Slurm jobs submitted yet")
     print(format_status(cfg, stage_rows(cfg)))
     print(f"report: {cfg.layout.report}")
+
+
+def aggregate_rows(cfg: RunConfig) -> list[dict[str, str]]:
+    """The status row of the aggregate job of a seeds > 1 run (recorded in the top run directory)."""
+    row = {"stage": AGGREGATE, "job": "-", "state": "not submitted", "attempts": "-",
+           "progress": "report written" if _is_done(cfg, AGGREGATE) else "-", "reason": ""}
+    jobs = latest_jobs(cfg.layout)
+    if AGGREGATE in jobs:
+        job_id, folder = jobs[AGGREGATE]
+        rec = accounting([job_id]).get(job_id, JobRecord(job_id, "UNKNOWN", "", "not in Slurm's queue or "
+                                                         "accounting", "", "", 0))
+        row.update(job=job_id, state=rec.state, attempts=str(rec.attempts))
+        if rec.state not in ACTIVE_STATES and rec.state != "COMPLETED":
+            row["reason"] = failure_reason(rec, folder, None)
+        elif rec.state == "PENDING" and rec.reason not in ("", "None"):
+            row["reason"] = f"pending: {rec.reason}"
+    elif _is_done(cfg, AGGREGATE):
+        row["state"] = "done"
+    return [row]

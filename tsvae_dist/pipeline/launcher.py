@@ -8,7 +8,8 @@ at once as a chain of dependent jobs (`submit`) and followed to the end (`follow
 With `seeds=N` > 1 the pipeline runs N times, `<run_dir>/seed-<k>/` with seed `seed + k`
 (`RunConfig.for_seed`), each skipping what it has done, then the aggregate job (`layout.AGGREGATE`)
 writes mean ± std over the seeds' reports into `<run_dir>/aggregate/`, skipped when its record exists.
-Locally the seeds run one after another.
+Locally the seeds run one after another; on Slurm each seed is its own chain of dependent jobs, all
+submitted at once, and the aggregate job waits (afterok) on every chain's last job.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tsvae_dist.errors import ConfigError
 from tsvae_dist.fid.weights import check_fid_config
 from tsvae_dist.layout import AGGREGATE, STAGES, TRAINING_STAGES
 from tsvae_dist.pipeline import follow, submit
+from tsvae_dist.pipeline.slurm import command, record_submission
 from tsvae_dist.pipeline.task import StageTask
 
 log = logging.getLogger(__name__)
@@ -249,14 +251,14 @@ def launch_seeds(cfg: RunConfig) -> str:
             check_dataset(cfg.for_seed(0), ensure_dataset(cfg.dataset, cfg.dataset_root))
         print(describe_seeds(cfg))
         return cfg.layout.aggregate_report
-    if cfg.cluster.name != "local":
-        raise ConfigError(f"seeds: {cfg.seeds} seeds are run with cluster=local only for now; on Slurm submit "
-                          "one run per seed (seed=<s> run_dir=<run_dir>/seed-<k>)")
     manifest = ensure_dataset(cfg.dataset, cfg.dataset_root)
     runs = [cfg.for_seed(k) for k in range(cfg.seeds)]
     for run in runs:
         check_dataset(run, manifest)
     freeze_run(cfg)
+    if cfg.cluster.name != "local":
+        run_slurm_seeds(cfg, runs)
+        return cfg.layout.aggregate_report
     for k, run in enumerate(runs):
         stages = plan(run)
         if all(s.done for s in stages):
@@ -270,6 +272,82 @@ def launch_seeds(cfg: RunConfig) -> str:
     for note in sorted(notes):
         print(note)
     return cfg.layout.aggregate_report
+
+
+def run_slurm_seeds(cfg: RunConfig, runs: list[RunConfig]) -> None:
+    """seeds > 1 on Slurm: every seed's remaining stages as its own afterok chain, all submitted at once
+    (the chains run side by side), then the aggregate job afterok on each chain's last job.
+
+    Done seeds and a done aggregate are skipped, so a re-run submits only what is left; every chain is
+    recorded in its seed's `slurm_jobs.json`, the aggregate in the top run directory's.
+    """
+    todo: list[tuple[RunConfig, list[str]]] = []
+    for k, run in enumerate(runs):
+        left = [s.name for s in plan(run) if not s.done]
+        print(f"seed-{k} (seed {run.seed}): " + (f"{run.run_dir}: {', '.join(left)}" if left else "done, skipped"),
+              flush=True)
+        if left:
+            todo.append((run, left))
+    aggregate_done = cfg.layout.is_done(AGGREGATE)
+    if aggregate_done:
+        print(f"{AGGREGATE}: done, skipped")
+    if not todo and aggregate_done:
+        return
+    # Every check before any submission: a refusal for seed 2 must not leave seed 0's chain queued.
+    parts = submit.partitions()
+    for run, left in todo:
+        submit.check_cluster(run, left, parts)
+        submit.refuse_duplicates(run, left)
+    if not aggregate_done:
+        submit.check_cluster(cfg, [AGGREGATE], parts)
+        submit.refuse_duplicates(cfg, [AGGREGATE])
+    folder = log_folder(cfg)  # one fresh folder for the whole submission: every seed's logs together
+    chains: list[tuple[RunConfig, dict[str, str]]] = []
+    try:
+        for run, left in todo:
+            freeze_run(run)
+            jobs = submit.submit_stages(run, left, folder)
+            record_submission(run.layout, folder, jobs)
+            chains.append((run, jobs))
+        aggregate: dict[str, str] = {}
+        if not aggregate_done:
+            last = [jobs[left[-1]] for (_, jobs), (_, left) in zip(chains, todo, strict=True)]
+            aggregate = submit.submit_stages(cfg, [AGGREGATE], folder,
+                                             dependency=f"afterok:{':'.join(last)}" if last else None)
+            record_submission(cfg.layout, folder, aggregate)
+    except Exception:
+        submitted = [j for _, jobs in chains for j in jobs.values()]
+        if submitted:  # all or nothing, as for one chain: half the seeds queued would be followed by nobody
+            command(["scancel", *submitted], check=False)
+            print(f"submission failed: cancelled jobs {', '.join(submitted)}", flush=True)
+        raise
+    print(f"logs: {folder}")
+    print(f"artifacts: {cfg.run_dir}", flush=True)
+    if not cfg.cluster.wait:
+        print("not waiting (cluster.wait=false): run the same command with action=status to follow the jobs")
+        return
+    try:
+        for run, jobs in chains:  # they run side by side: following one after another misses nothing
+            print(f"following {run.run_dir}", flush=True)
+            follow.follow(run, jobs, folder)
+        if aggregate:
+            follow.follow(cfg, aggregate, folder)
+    except KeyboardInterrupt:
+        print("\nstopped following; the jobs go on: the same command with action=status shows them, "
+              "action=cancel cancels them", flush=True)
+        raise
+
+
+def slurm_status_seeds(cfg: RunConfig) -> None:
+    """action=status/cancel over every seed's jobs and the aggregate job."""
+    for k in range(cfg.seeds):
+        print(f"seed-{k}:")
+        follow.slurm_status(cfg.for_seed(k))
+    if cfg.action == "cancel":
+        follow.cancel(cfg)
+    rows = follow.aggregate_rows(cfg)
+    print(follow.table(rows, ("stage", "job", "state", "attempts", "progress")))
+    print(f"report: {cfg.layout.aggregate_report}")
 
 
 def launch(cfg: RunConfig) -> str:
@@ -299,7 +377,10 @@ def launch(cfg: RunConfig) -> str:
 def status(cfg: RunConfig) -> None:
     """Print each stage's state (action=status) or cancel queued jobs (action=cancel)."""
     if cfg.cluster.name == "slurm":
-        follow.slurm_status(cfg)
+        if cfg.seeds > 1:
+            slurm_status_seeds(cfg)
+        else:
+            follow.slurm_status(cfg)
         return
     if cfg.action == "cancel":
         print("cluster=local: stages run in the foreground; nothing is queued to cancel")

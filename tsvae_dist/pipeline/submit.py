@@ -130,14 +130,18 @@ def refuse_duplicates(cfg: RunConfig, stages: Sequence[str]) -> None:
                               "before submitting again")
 
 
-def submit_stages(cfg: RunConfig, stages: Sequence[str], folder: str) -> dict[str, str]:
-    """Submit `stages` (in pipeline order) as a chain of afterok jobs; returns stage -> job id."""
+def submit_stages(cfg: RunConfig, stages: Sequence[str], folder: str,
+                  dependency: str | None = None) -> dict[str, str]:
+    """Submit `stages` (in pipeline order) as a chain of afterok jobs; returns stage -> job id.
+
+    `dependency`: the first job's (the aggregate of seeds > 1 waits on every seed's chain)."""
     config = to_container(cfg)
     jobs: dict[str, str] = {}
     previous = None
+    first = dependency
     try:
         for stage in stages:
-            dependency = f"afterok:{previous}" if previous else None
+            dependency = f"afterok:{previous}" if previous else first
             job = stage_executor(cfg, stage, folder, dependency).submit(StageTask(stage, config))
             jobs[stage] = previous = str(job.job_id)
             c = stage_cluster(cfg.cluster, stage)

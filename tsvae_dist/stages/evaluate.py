@@ -43,6 +43,7 @@ from tsvae_dist.report import (
     read_metrics,
     render_markdown,
     split_info,
+    stage2_inactive_error,
     training_curves,
 )
 from tsvae_dist.runtime import dist
@@ -81,6 +82,7 @@ class Sums:
         self.sq_err = torch.zeros((), dtype=torch.float64)  # Σ (x̂ − x)² over test pixels
         self.pixels = torch.zeros((), dtype=torch.float64)  # number of test pixels
         self.var_sum = torch.zeros(latent_dim, dtype=torch.float64)  # Σ σ² per latent dimension
+        self.z_sq_err = torch.zeros(latent_dim, dtype=torch.float64)  # Σ (z − ẑ(μ_u))² per dim: stage 2's error
         self.z, self.u = FeatureStats(latent_dim), FeatureStats(latent_dim)  # aggregated posteriors q(z), q(u)
         self.fid = fid
         self.skipped = torch.zeros((), dtype=torch.float64)  # bad test samples left out (the loader's skip policy)
@@ -88,12 +90,14 @@ class Sums:
 
     def state_dict(self) -> dict[str, Any]:
         return {"sq_err": self.sq_err, "pixels": self.pixels, "var_sum": self.var_sum, "skipped": self.skipped,
+                "z_sq_err": self.z_sq_err,
                 "z": self.z.state_dict(), "u": self.u.state_dict(), "done": list(self.done),
                 "fid": self.fid.state_dict() if self.fid is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sq_err, self.pixels, self.var_sum = state["sq_err"], state["pixels"], state["var_sum"]
         self.skipped = state.get("skipped", torch.zeros((), dtype=torch.float64))
+        self.z_sq_err = state["z_sq_err"]
         self.z.load_state_dict(state["z"])
         self.u.load_state_dict(state["u"])
         self.done = list(state["done"])
@@ -102,7 +106,7 @@ class Sums:
 
     def all_reduce(self) -> None:
         """Sum over ranks in place (a collective)."""
-        for t in (self.sq_err, self.pixels, self.var_sum, self.skipped):
+        for t in (self.sq_err, self.pixels, self.var_sum, self.skipped, self.z_sq_err):
             dist.all_reduce_sum(t)
         self.z.all_reduce()
         self.u.all_reduce()
@@ -116,6 +120,7 @@ def _fingerprint(cfg: RunConfig, n_test: int, units: list[tuple[str, int]], fid:
     parts += [records.sha256_of(manifest_url(cfg.dataset_root)), cfg.seed, n_test,
               cfg.eval.num_samples, cfg.eval.batch_size, precision.resolve(cfg.stage1.precision, device), units, world]
     parts += [sorted(fid.stats), fid.reference_url] if fid is not None else ["no-fid"]
+    parts.append("sums:z_sq_err")  # what Sums holds: partial sums saved before stage 2's error was summed lack it
     return f"{stable_seed(*parts):016x}"
 
 
@@ -170,6 +175,8 @@ def _test_unit(cfg: RunConfig, device: torch.device, keys: list[str], images: np
         mu_u, log_sigma_u = stage2.encode(z)
         u = mu_u + log_sigma_u.exp() * keyed_normal(part, kappa, cfg.seed, "eval-u").to(device)
         sums.u.add(u.float().cpu())
+        # Stage 2's reconstruction of z from the mean of q(u|z), as stage 1's uses the mean of q(z|x).
+        sums.z_sq_err += ((stage2.decode(mu_u).float() - z) ** 2).double().sum(0).cpu()
         if sums.fid is not None:
             if sums.fid.needs_test:
                 sums.fid.add(TEST, x)
@@ -316,6 +323,7 @@ def run(cfg: RunConfig, stop: StopFlag | None = None) -> str:
             "threshold": threshold, "true_dim": data.get("intrinsic_dim"), "posterior_variance": posterior_var,
         },
         "frechet_to_prior": frechet,
+        "stage2_error": stage2_inactive_error((sums.z_sq_err / max(n_test, 1)).tolist(), posterior_var, threshold),
         "prior_verdict": prior_verdict(frechet),
         "stage1_convergence": convergence,
         "protocol_deviations": protocol_deviations({"stage1": cfg.stage1, "stage2": cfg.stage2}),
