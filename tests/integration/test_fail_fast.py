@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -78,7 +79,10 @@ def _raise_on_rank_1_others_wait() -> str:
     return "never"
 
 
-def test_the_local_launcher_ends_ranks_left_waiting_once_one_raised(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_the_local_launcher_ends_ranks_left_waiting_once_one_raised(tmp_path: Path, sigint: str) -> None:
+    """Also when the launcher runs as a background job of a non-interactive shell: its children, submitit's
+    controller included, inherit an ignored SIGINT, so submitit's cancel (a SIGINT) does nothing."""
     import submitit
 
     from tsvae_dist.cli import compose
@@ -86,7 +90,11 @@ def test_the_local_launcher_ends_ranks_left_waiting_once_one_raised(tmp_path: Pa
 
     executor = submitit.LocalExecutor(folder=str(tmp_path))
     executor.update_parameters(tasks_per_node=3, nodes=1, timeout_min=10)
-    job = executor.submit(_raise_on_rank_1_others_wait)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
+    try:
+        job = executor.submit(_raise_on_rank_1_others_wait)  # the controller inherits the disposition
+    finally:
+        signal.signal(signal.SIGINT, previous)
     started = time.monotonic()
     launcher._watch_local(compose([f"run_dir={tmp_path / 'run'}"]), "stage1", job, str(tmp_path), 3)
     took = time.monotonic() - started

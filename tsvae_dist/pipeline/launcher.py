@@ -14,12 +14,15 @@ submitted at once, and the aggregate job waits (afterok) on every chain's last j
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import glob
 import json
 import logging
 import os
 import pickle
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -154,6 +157,29 @@ def _failed_task(folder: str, job_id: str, tasks: int) -> int | None:
     return None
 
 
+KILL_AFTER_CANCEL_S = 5.0
+
+
+def _kill_children(job) -> None:
+    """SIGKILL the task processes of a local job's controller.
+
+    submitit cancels a local job with SIGINT to its controller, which then ends its tasks; a
+    controller started from a background job of a non-interactive shell inherits an ignored SIGINT
+    and never reacts, so its tasks are found by parent pid (Linux /proc) and killed here."""
+    process = getattr(job, "_process", None)
+    if process is None or process.poll() is not None:
+        return
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the field after the state
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if ppid == process.pid:
+            with contextlib.suppress(OSError):
+                os.kill(int(stat.split("/")[2]), signal.SIGKILL)
+
+
 def _watch_local(cfg: RunConfig, stage: str, job, folder: str, tasks: int) -> None:
     """Until the local job ends: its progress, from the stage's artifacts (as the Slurm follower reads
     it), rewritten in place on a terminal, a line every 10 s when not changed otherwise.
@@ -162,13 +188,16 @@ def _watch_local(cfg: RunConfig, stage: str, job, folder: str, tasks: int) -> No
     FAILED_RANK_GRACE_S the job is cancelled, which ends all its processes (SIGINT, then SIGKILL)."""
     tty, shown, last_print = sys.stdout.isatty(), "", 0.0
     failed_at: float | None = None
+    cancelled = False
     while not job.done():
         time.sleep(0.5 if tty else 1.0)
         if failed_at is None and _failed_task(folder, job.job_id, tasks) is not None:
             failed_at = time.monotonic()
-        if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
+        if failed_at is not None and not cancelled and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
             job.cancel(check=False)
-            failed_at = float("inf")  # once
+            cancelled = True
+        if cancelled and time.monotonic() - failed_at > FAILED_RANK_GRACE_S + KILL_AFTER_CANCEL_S:
+            _kill_children(job)  # the cancel did not end it: see _kill_children
         try:
             line = f"{stage}: {follow.live_progress(cfg, stage)}"
         except Exception:  # progress is a courtesy: never let reading it end the run
