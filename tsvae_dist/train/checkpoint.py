@@ -122,8 +122,9 @@ def resume_config(cfg: RunConfig, stage: str, streams: int) -> dict[str, Any]:
 def resolved(config: dict[str, Any], stage: str, **effective: Any) -> dict[str, Any]:
     """`config` (a `resume_config`) with stage `stage`'s settings replaced by their effective values
     (`precision="auto"` by what it resolved to on this device), so that is what a checkpoint records
-    and a resume compares."""
-    return {**config, stage: {**config[stage], **effective}}
+    and a resume compares. A config without the stage's section (a bare job, as benchmarks build)
+    gains one holding just the effective values."""
+    return {**config, stage: {**config.get(stage, {}), **effective}}
 
 
 _MISSING = object()
