@@ -31,6 +31,7 @@ from tests.stagerun import env, kill_job, run_stage, stage_command, tiny_overrid
 from tsvae_dist import storage
 from tsvae_dist.data import shardformat
 from tsvae_dist.data.loader import LoaderConfig, StreamLoader
+from tsvae_dist.layout import RunLayout, checkpoint_samples
 
 pytestmark = pytest.mark.s3
 
@@ -298,14 +299,24 @@ def _model(url: str) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(storage.read_bytes(url)), weights_only=True)["model"]
 
 
-def _wait_past_first_checkpoint(proc: subprocess.Popen, record: Path, timeout: float = 240) -> None:
-    """Until rank 0 has taken the batch after its first checkpoint (step 8 of 16, mid-epoch 0): the loader
-    yields it only once that checkpoint is committed. Watched in the local key record, which is cheap to poll."""
+def _wait_past_first_checkpoint(proc: subprocess.Popen, record: Path, run_dir: str, timeout: float = 240) -> None:
+    """Until rank 0 has taken the batch after its first checkpoint (step 8 of 16, mid-epoch 0) and that
+    checkpoint is committed on S3: it is written in the background while training goes on, so the step
+    alone does not say it is there. The key record is cheap to poll; the listing follows it."""
+    checkpoints = RunLayout(run_dir).checkpoints("stage1")
     deadline = time.monotonic() + timeout
-    while not any(e == 0 and s >= 8 for e, s, _ in _records(record).get(0, [])):
+    while not (any(e == 0 and s >= 8 for e, s, _ in _records(record).get(0, []))
+               and any(checkpoint_samples(n) is not None for n in _listing(checkpoints))):
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.02)
+
+
+def _listing(url: str) -> list[str]:
+    try:
+        return storage.listdir(url)
+    except Exception:  # not created yet
+        return []
 
 
 class _Output:
@@ -385,7 +396,7 @@ def test_sigkill_mid_epoch_then_resume_from_s3(s3, reference, tmp_path):
     overrides = _overrides(s3, "killed", record)
     proc = _start(overrides)
     out = _Output(proc)
-    _wait_past_first_checkpoint(proc, record)
+    _wait_past_first_checkpoint(proc, record, f"{s3}/killed")
     kill_job(proc)
     out.text()
     assert not storage.exists(f"{s3}/killed/stage1/model.pt"), "killed too late: the run had finished"
@@ -404,7 +415,7 @@ def test_short_outage_mid_epoch_loses_nothing(s3, reference, tmp_path):
     proc = _start(_overrides(s3, "outage", record))
     out = _Output(proc)
     try:
-        _wait_past_first_checkpoint(proc, record)
+        _wait_past_first_checkpoint(proc, record, f"{s3}/outage")
         gateway("stop")
         try:
             # down until the run has met the outage (a read or a write retrying), then a little longer
@@ -431,7 +442,7 @@ def test_persistent_outage_fails_the_run_in_bounded_time(s3, reference, tmp_path
     proc = _start(_overrides(s3, "down", record))
     out = _Output(proc)
     try:
-        _wait_past_first_checkpoint(proc, record)
+        _wait_past_first_checkpoint(proc, record, f"{s3}/down")
         with gateway_frozen():
             start = time.monotonic()
             rc = proc.wait(timeout=120)
