@@ -20,7 +20,6 @@ import glob
 import json
 import logging
 import os
-import pickle
 import re
 import signal
 import sys
@@ -143,17 +142,20 @@ def local_executor(cfg: RunConfig, stage: str, folder: str):
 FAILED_RANK_GRACE_S = 3.0
 
 
+# What submitit's task wrapper logs (to the task's stdout log) when the submitted function raised.
+_TASK_RAISED = "Submitted job triggered an exception"
+
+
 def _failed_task(folder: str, job_id: str, tasks: int) -> int | None:
-    """The lowest task of a running local job whose result is an error (submitit writes one per task)."""
+    """The lowest task of a running local job that has raised, from its log (its result file is a
+    pickle, which the launcher does not load)."""
     for task in range(tasks):
-        path = os.path.join(folder, f"{job_id}_{task}_result.pkl")
         try:
-            with open(path, "rb") as f:
-                outcome = pickle.load(f)[0]  # ("success" | "error", result or traceback)
-        except (OSError, EOFError, pickle.UnpicklingError, IndexError, TypeError):
-            continue  # none yet (submitit writes it under a temporary name, then renames it)
-        if outcome == "error":
-            return task
+            with open(os.path.join(folder, f"{job_id}_{task}_log.out"), errors="replace") as f:
+                if _TASK_RAISED in f.read():
+                    return task
+        except OSError:
+            continue  # not started yet
     return None
 
 
@@ -250,6 +252,17 @@ def fid_note(cfg: RunConfig) -> str | None:
     return None if status == "computed" else f"fid: {status}"
 
 
+@contextlib.contextmanager
+def _interruptible_follow():
+    """Ctrl-C while following Slurm jobs stops the following, not the jobs: say so, then re-raise."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("\nstopped following; the jobs go on: the same command with action=status shows them, "
+              "action=cancel cancels them", flush=True)
+        raise
+
+
 def run_slurm(cfg: RunConfig, stages: list[PlannedStage]) -> None:
     """Submit the stages that are not done as dependent jobs; with `cluster.wait`, follow them to the end."""
     for s in stages:
@@ -265,12 +278,8 @@ def run_slurm(cfg: RunConfig, stages: list[PlannedStage]) -> None:
     if not cfg.cluster.wait:
         print("not waiting (cluster.wait=false): run the same command with action=status to follow the jobs")
         return
-    try:
+    with _interruptible_follow():
         follow.follow(cfg, jobs, folder)
-    except KeyboardInterrupt:
-        print("\nstopped following; the jobs go on: the same command with action=status shows them, "
-              "action=cancel cancels them", flush=True)
-        raise
 
 
 def launch_seeds(cfg: RunConfig) -> str:
@@ -355,16 +364,12 @@ def run_slurm_seeds(cfg: RunConfig, runs: list[RunConfig]) -> None:
     if not cfg.cluster.wait:
         print("not waiting (cluster.wait=false): run the same command with action=status to follow the jobs")
         return
-    try:
+    with _interruptible_follow():
         for run, jobs in chains:  # they run side by side: following one after another misses nothing
             print(f"following {run.run_dir}", flush=True)
             follow.follow(run, jobs, folder)
         if aggregate:
             follow.follow(cfg, aggregate, folder)
-    except KeyboardInterrupt:
-        print("\nstopped following; the jobs go on: the same command with action=status shows them, "
-              "action=cancel cancels them", flush=True)
-        raise
 
 
 def slurm_status_seeds(cfg: RunConfig) -> None:
