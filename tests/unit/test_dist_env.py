@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from tsvae_dist.errors import ConfigError
-from tsvae_dist.runtime import dist
+from tsvae_dist.runtime import RENDEZVOUS_FILE_VAR, dist
 from tsvae_dist.runtime.dist import DistInfo, _env_int, _read_environment, _slurm_master_addr
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
-                 "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+                 "GROUP_RANK", "TORCHELASTIC_RUN_ID", RENDEZVOUS_FILE_VAR)
 
 
 @pytest.fixture(autouse=True)
@@ -376,8 +376,16 @@ def test_init_several_processes_make_a_gloo_group_on_cpu(monkeypatch, no_process
     info = dist.init(use_gpu=False, timeout_s=42)
     assert info == DistInfo(rank=1, world_size=4, local_rank=1, device=torch.device("cpu"))
     assert info.distributed and not info.is_main
-    assert no_process_group == [{"backend": "gloo", "rank": 1, "world_size": 4,
+    assert no_process_group == [{"backend": "gloo", "init_method": None, "rank": 1, "world_size": 4,
                                  "timeout": datetime.timedelta(seconds=42)}]
+
+
+def test_init_meets_through_the_rendezvous_file_when_one_is_given(monkeypatch, no_process_group, tmp_path):
+    """The local launcher's jobs name a file to meet through; MASTER_ADDR/PORT are then not used."""
+    torchrun_env(monkeypatch, rank=0, world=3)
+    monkeypatch.setenv(RENDEZVOUS_FILE_VAR, str(tmp_path / "rendezvous-1"))
+    dist.init(use_gpu=False, timeout_s=42)
+    assert [call["init_method"] for call in no_process_group] == [f"file://{tmp_path / 'rendezvous-1'}"]
 
 
 def test_init_is_idempotent_once_the_group_exists(monkeypatch, no_process_group):

@@ -24,6 +24,7 @@ import re
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 
 import yaml
@@ -38,6 +39,7 @@ from tsvae_dist.layout import AGGREGATE, STAGES, TRAINING_STAGES
 from tsvae_dist.pipeline import follow, submit
 from tsvae_dist.pipeline.slurm import command, record_submission
 from tsvae_dist.pipeline.task import StageTask
+from tsvae_dist.runtime import RENDEZVOUS_FILE_VAR
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,30 @@ def freeze_run(cfg: RunConfig) -> None:
     storage.write_text_atomic(cfg.layout.revision, records.code_revision() + "\n")
 
 
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Variables set in this process for the duration (submitit's local controller copies the
+    environment it is started in)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def submit_local(cfg: RunConfig, stage: str, folder: str, task: StageTask):
+    """Start `task` as a local submitit job whose ranks meet through a fresh file in `folder` (no port:
+    submitit draws a local job's port from its pid, and another process may hold it)."""
+    rendezvous = os.path.join(folder, f"rendezvous-{uuid.uuid4().hex}")
+    with _environment(**{RENDEZVOUS_FILE_VAR: rendezvous}):
+        return local_executor(cfg, stage, folder).submit(task)
+
+
 def local_executor(cfg: RunConfig, stage: str, folder: str):
     import submitit
 
@@ -159,15 +185,13 @@ def _failed_task(folder: str, job_id: str, tasks: int) -> int | None:
     return None
 
 
-KILL_AFTER_CANCEL_S = 5.0
+def _kill_tasks(job) -> None:
+    """SIGKILL the task processes of a local job (its controller's children, found through Linux /proc).
 
-
-def _kill_children(job) -> None:
-    """SIGKILL the task processes of a local job's controller.
-
-    submitit cancels a local job with SIGINT to its controller, which then ends its tasks; a
-    controller started from a background job of a non-interactive shell inherits an ignored SIGINT
-    and never reacts, so its tasks are found by parent pid (Linux /proc) and killed here."""
+    Not submitit's cancel: that SIGINTs the controller, which prints a KeyboardInterrupt traceback into
+    the launcher's output, and does nothing at all when the controller inherited an ignored SIGINT (a
+    launcher started as a background job of a non-interactive shell). With its tasks gone, the
+    controller ends by itself. A rank waiting in a collective cannot run a signal handler anyway."""
     process = getattr(job, "_process", None)
     if process is None or process.poll() is not None:
         return
@@ -187,19 +211,16 @@ def _watch_local(cfg: RunConfig, stage: str, job, folder: str, tasks: int) -> No
     it), rewritten in place on a terminal, a line every 10 s when not changed otherwise.
 
     Once a rank has raised, its peers may wait in a collective for it (a lingering process, NCCL): after
-    FAILED_RANK_GRACE_S the job is cancelled, which ends all its processes (SIGINT, then SIGKILL)."""
+    FAILED_RANK_GRACE_S its remaining processes are killed (`_kill_tasks`, again each poll until the
+    job has ended)."""
     tty, shown, last_print = sys.stdout.isatty(), "", 0.0
     failed_at: float | None = None
-    cancelled = False
     while not job.done():
         time.sleep(0.5 if tty else 1.0)
         if failed_at is None and _failed_task(folder, job.job_id, tasks) is not None:
             failed_at = time.monotonic()
-        if failed_at is not None and not cancelled and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
-            job.cancel(check=False)
-            cancelled = True
-        if cancelled and time.monotonic() - failed_at > FAILED_RANK_GRACE_S + KILL_AFTER_CANCEL_S:
-            _kill_children(job)  # the cancel did not end it: see _kill_children
+        if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
+            _kill_tasks(job)
         try:
             line = f"{stage}: {follow.live_progress(cfg, stage)}"
         except Exception:  # progress is a courtesy: never let reading it end the run
@@ -226,7 +247,7 @@ def run_local(cfg: RunConfig, stages: list[PlannedStage]) -> None:
             print(f"{s.name}: done, skipped")
             rows.append({"stage": s.name, "state": "done", "time": "-", "progress": "skipped"})
             continue
-        job = local_executor(cfg, s.name, folder).submit(StageTask(s.name, config))
+        job = submit_local(cfg, s.name, folder, StageTask(s.name, config))
         print(f"{s.name}: running as local job {job.job_id} ({s.tasks_per_node} processes), logs in {folder}",
               flush=True)
         started = time.monotonic()

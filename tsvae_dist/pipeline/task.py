@@ -47,8 +47,9 @@ class StageTask:
         from tsvae_dist.config import from_container, stage_cluster
         from tsvae_dist.runtime.log import setup_logging
 
-        # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for torch.distributed and loader workers.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for torch.distributed and loader workers; the job's
+        # own values win over any the user's shell exported (without overwrite submitit would refuse).
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         cfg = from_container(self.config)
         threads = max(1, cfg.cluster.cpus_per_task)
         os.environ["OMP_NUM_THREADS"] = str(threads)

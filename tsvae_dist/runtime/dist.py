@@ -23,6 +23,7 @@ import torch
 import torch.distributed as torch_dist
 
 from tsvae_dist.errors import ConfigError
+from tsvae_dist.runtime import RENDEZVOUS_FILE_VAR
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,10 @@ def init(use_gpu: bool | None = None, timeout_s: float = 1800, collective_timeou
         torch.cuda.set_device(device)
         enable_nccl_async_errors()
     if world > 1 and not torch_dist.is_initialized():
+        rendezvous = os.environ.get(RENDEZVOUS_FILE_VAR)
         torch_dist.init_process_group(
             backend="nccl" if use_gpu else "gloo",
+            init_method=f"file://{rendezvous}" if rendezvous else None,  # None: env:// (MASTER_ADDR/PORT)
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),
