@@ -105,6 +105,9 @@ class TimedMemoryLoader:
             sl = slice(i * self.batch, (i + 1) * self.batch)
             yield {"image": self.images[sl], "key": torch.arange(sl.start, sl.stop)}
 
+    def close(self) -> None:
+        pass  # no worker processes
+
 
 def steady_seconds(stamps: list[float], warmup: int) -> float:
     """Seconds from the start of step `warmup` to the start of the last step (its final save excluded)."""

@@ -186,7 +186,7 @@ def counting_syncs() -> Iterator[dict[str, int]]:
 
 
 class MemoryLoader:
-    """A stand-in for StreamLoader over in-memory tensors (the loop needs only these two members)."""
+    """A stand-in for StreamLoader over in-memory tensors (the loop needs only these members)."""
 
     def __init__(self, images: torch.Tensor, keys: torch.Tensor, batch: int) -> None:
         self.images, self.keys, self.batch = images, keys, batch
@@ -196,6 +196,9 @@ class MemoryLoader:
         for i in range(start_step, self.steps_per_epoch):
             sl = slice(i * self.batch, (i + 1) * self.batch)
             yield {"image": self.images[sl], "key": self.keys[sl]}
+
+    def close(self) -> None:
+        pass  # no worker processes
 
 
 def loop_syncs(steps: int, resolution: int, batch: int, quick: bool, device: torch.device,

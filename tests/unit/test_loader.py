@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ from tests.datautil import build_custom, build_images, build_latents, latent_val
 from tsvae_dist import storage
 from tsvae_dist.data import shardformat
 from tsvae_dist.data.loader import LoaderConfig, StreamLoader
-from tsvae_dist.data.workers import unit_float
+from tsvae_dist.data.workers import unit_float, unit_float_on
 from tsvae_dist.errors import ConfigError, DataError
 
 
@@ -74,7 +77,7 @@ def test_workers_give_the_same_batches_as_in_process(images, workers, world):
     for step, batch in enumerate(ref):
         parts = [got[r][step] for r in range(world)]
         assert batch["key"] == [k for p in parts for k in p["key"]]
-        assert all(isinstance(p["image"], torch.Tensor) and p["image"].dtype == torch.float32 for p in parts)
+        assert all(isinstance(p["image"], torch.Tensor) and p["image"].dtype == torch.uint8 for p in parts)
         assert torch.equal(batch["image"], torch.cat([p["image"] for p in parts]))
 
 
@@ -192,12 +195,84 @@ def test_latent_batches(tmp_path):
 
 
 def test_image_values_match_the_shards(images):
+    """The loader hands over the stored bytes; scaled on the device they are `unit_float`'s values."""
     batch = next(iter(_loader(images).epoch(0)))
-    assert batch["image"].dtype == torch.float32
-    assert 0.0 <= batch["image"].min() <= batch["image"].max() <= 1.0
+    assert batch["image"].dtype == torch.uint8
+    scaled = unit_float_on(batch["image"], torch.device("cpu"))
     samples = split_images(images, "train")
     for i, key in enumerate(batch["key"]):
-        assert torch.equal(batch["image"][i], unit_float(samples[key]))
+        assert np.array_equal(batch["image"][i].numpy(), samples[key])
+        assert torch.equal(scaled[i], unit_float(samples[key]))
+
+
+def test_unit_float_on_the_device_is_the_division_for_every_level():
+    levels = np.arange(256, dtype=np.uint8).reshape(4, 1, 8, 8)
+    got = unit_float_on(torch.from_numpy(levels), torch.device("cpu"))
+    assert got.dtype == torch.float32 and got.shape == (4, 1, 8, 8)
+    assert np.array_equal(got.numpy().view(np.uint32), (levels / np.float32(255)).astype(np.float32).view(np.uint32))
+
+
+def _worker_pids(loader: StreamLoader) -> list[int]:
+    return sorted(w.pid for w in loader._workers._iterator._workers)
+
+
+def test_workers_persist_across_epochs_and_a_resumed_epoch_on_them_is_exact(images):
+    """One set of worker processes serves every epoch (told the epoch through shared memory), with the
+    batches of fresh in-process passes; an abandoned epoch stops them and the next starts new ones."""
+    ref = _loader(images, workers=0)
+    loader = _loader(images, workers=2)
+    epochs = [(0, 0), (1, 0), (1, 3), (2, 4)]
+    pids = []
+    for epoch, start in epochs:
+        got = list(loader.epoch(epoch, start))
+        want = list(ref.epoch(epoch, start))
+        assert [b["key"] for b in got] == [b["key"] for b in want]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, want, strict=True))
+        pids.append(_worker_pids(loader))
+    assert all(p == pids[0] for p in pids), pids
+    partial = loader.epoch(3)
+    next(partial)
+    partial.close()  # abandoned mid-epoch: its workers are stopped, not reused with an epoch in flight
+    assert loader._workers is None
+    assert [b["key"] for b in loader.epoch(3, 2)] == _keys(ref, 3, 2)
+    assert _worker_pids(loader) != pids[0]
+    loader.close()
+    assert loader._workers is None
+    loader.close()  # idempotent
+
+
+def test_a_process_exits_promptly_with_its_persistent_workers_alive(images):
+    """Workers ignore SIGTERM (preemption is the main process's business), so multiprocessing's exit
+    handler, which terminates and joins them, would wait forever; the loader stops them first."""
+    script = (f"from tsvae_dist.data.loader import LoaderConfig, StreamLoader\n"
+              f"loader = StreamLoader({images!r}, 'train', global_batch=40, rank=0, world=1, seed=0,\n"
+              f"                      cfg=LoaderConfig(workers=2, streams=4))\n"
+              f"list(loader.epoch(0))\n"
+              f"raise SystemExit('left with the workers alive')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "left with the workers alive" in proc.stderr, proc.stderr
+
+
+def test_pinned_batches_are_allocated_pinned(images, monkeypatch):
+    """With pin_memory (the stages set it on CUDA) every batch tensor is allocated in pinned memory, so
+    the loop's copy to the GPU is asynchronous. Pinning needs a GPU: without one, the allocation is
+    recorded and made unpinned."""
+    allocations = []
+    empty = torch.empty
+
+    def recording_empty(*args, pin_memory=False, **kwargs):
+        allocations.append(pin_memory)
+        return empty(*args, pin_memory=pin_memory and torch.cuda.is_available(), **kwargs)
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    plain = list(_loader(images, streams=1).epoch(0))
+    assert allocations == []  # one stream, not pinned: the stream's array as it came
+    pinned = list(StreamLoader(images, "train", global_batch=40, rank=0, world=1, seed=0, pin_memory=True,
+                               cfg=LoaderConfig(workers=0, streams=1, shuffle_buffer=16)).epoch(0))
+    assert allocations == [True] * len(pinned)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(plain, pinned, strict=True))
+    if torch.cuda.is_available():
+        assert all(b["image"].is_pinned() for b in pinned)
 
 
 def test_memory_filesystem(images):

@@ -52,11 +52,13 @@ pipelines built elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -67,7 +69,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tsvae_dist.data import shardformat
 from tsvae_dist.data.config import LoaderConfig
-from tsvae_dist.data.workers import as_is, error_item, raise_if_error, stop_workers, unit_float
+from tsvae_dist.data.workers import as_is, error_item, raise_if_error, stop_workers
 from tsvae_dist.errors import ConfigError, DataError
 from tsvae_dist.runtime.preemption import ignore_stop_signals
 from tsvae_dist.storage import StorageError
@@ -245,16 +247,6 @@ def _stack(items: list[tuple[str, shardformat.Sample]], kind: str) -> dict:
     return out
 
 
-def _to_torch(batch: dict) -> dict:
-    out: dict = {"key": batch["key"]}
-    if "image" in batch:
-        out["image"] = unit_float(batch["image"])
-    else:
-        out["mu"] = torch.from_numpy(batch["mu"])
-        out["log_sigma"] = torch.from_numpy(batch["log_sigma"])
-    return out
-
-
 def _stream_microbatches(spec: _StreamSpec, ep: _EpochSpec) -> Iterator[dict]:
     skips = _Skips(spec.index, ep.max_skipped)
     raw = _stream_samples(spec, ep, skips)
@@ -270,19 +262,47 @@ def _stream_microbatches(spec: _StreamSpec, ep: _EpochSpec) -> Iterator[dict]:
         yield batch
 
 
-class _RankStreams(IterableDataset):
-    """The streams of one rank; in a DataLoader worker, only that worker's share of them."""
+@dataclass(frozen=True)
+class _RankPlan:
+    """What a rank's streams need besides the epoch: plain data, pickled once into each worker."""
 
-    def __init__(self, streams: list[_StreamSpec], ep: _EpochSpec):
-        self.streams = streams
-        self.ep = ep
+    root: str
+    shards: tuple[dict, ...]  # the split's manifest entries
+    streams: int  # all ranks' streams
+    first: int  # this rank's first stream
+    per_rank: int  # streams per rank
+    ep: _EpochSpec  # epoch 0 from the start: `epoch` and `start_step` are replaced per epoch
+
+    def specs(self, epoch: int) -> list[_StreamSpec]:
+        plan = deal_shards(list(self.shards), self.streams, self.ep.seed, epoch)
+        return [_StreamSpec(g, tuple((shardformat.shard_url(self.root, s["name"]), s["sha256"], s["count"])
+                                     for s in plan[g]))
+                for g in range(self.first, self.first + self.per_rank)]
+
+
+class _RankStreams(IterableDataset):
+    """The streams of one rank; in a DataLoader worker, only that worker's share of them.
+
+    The epoch and start step are read from `control`, a tensor in shared memory that the loader
+    sets before each pass: the workers persist across epochs (no new processes, imports and
+    connections per epoch) and learn the next epoch when the DataLoader restarts their iteration."""
+
+    def __init__(self, plan: _RankPlan):
+        self.plan = plan
+        self.control = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, start_step)
+
+    def epoch_spec(self) -> _EpochSpec:
+        epoch, start_step = (int(v) for v in self.control.tolist())
+        return dataclasses.replace(self.plan.ep, epoch=epoch, start_step=start_step)
 
     def __iter__(self) -> Iterator[dict]:
+        ep = self.epoch_spec()
+        streams = self.plan.specs(ep.epoch)
         info = get_worker_info()
-        mine = self.streams if info is None else self.streams[info.id::info.num_workers]
-        producers = [_stream_microbatches(s, self.ep) for s in mine]
+        mine = streams if info is None else streams[info.id::info.num_workers]
+        producers = [_stream_microbatches(s, ep) for s in mine]
         try:
-            for _ in range(self.ep.start_step, self.ep.steps):
+            for _ in range(ep.start_step, ep.steps):
                 for producer in producers:
                     yield next(producer)
         except (DataError, StorageError) as e:
@@ -304,7 +324,7 @@ class StreamLoader:
     """
 
     def __init__(self, manifest_url_or_root: str, split: str, *, global_batch: int, rank: int, world: int,
-                 cfg: LoaderConfig, seed: int):
+                 cfg: LoaderConfig, seed: int, pin_memory: bool = False):
         cfg.validate(global_batch, world)
         if not 0 <= rank < world:
             raise ConfigError(f"rank {rank} is outside the world of size {world}")
@@ -331,6 +351,15 @@ class StreamLoader:
         except ConfigError as e:
             raise ConfigError(f"loader.{e}") from None
         self.steps_per_epoch = entry["count"] // global_batch
+        self.pin_memory = pin_memory
+        self._dataset = _RankStreams(_RankPlan(
+            root=self.root, shards=tuple(self._shards), streams=self.streams, first=rank * self._per_rank,
+            per_rank=self._per_rank,
+            ep=_EpochSpec(kind=self.manifest["kind"], shape=tuple(self.manifest["shape"]), seed=seed, epoch=0,
+                          shuffle_buffer=cfg.shuffle_buffer, micro_batch=self.micro_batch,
+                          steps=self.steps_per_epoch, start_step=0, max_skipped=cfg.max_skipped_samples,
+                          decode=self.manifest.get("decode"))))
+        self._workers: DataLoader | None = None  # started by the first epoch, kept until close()
         self.skipped: list[str] = []
         """Messages (shard, key, reason) of the samples this rank skipped in the current epoch."""
         self.skipped_samples = 0
@@ -344,44 +373,52 @@ class StreamLoader:
         """N, the samples every stream yields per epoch."""
         return self.steps_per_epoch * self.micro_batch
 
-    def _rank_specs(self, epoch: int) -> list[_StreamSpec]:
-        plan = self.epoch_plan(epoch)
-        first = self.rank * self._per_rank
-        return [_StreamSpec(g, tuple((shardformat.shard_url(self.root, s["name"]), s["sha256"], s["count"])
-                                     for s in plan[g]))
-                for g in range(first, first + self._per_rank)]
-
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         """Batches start_step .. steps_per_epoch-1 of `epoch`, exactly as an uninterrupted pass yields them.
 
-        A batch: "key" (this rank's keys, in order) and "image" float32 [N,C,H,W] in [0,1] or
-        "mu", "log_sigma" float32 [N,κ]; N = global_batch / world.
+        A batch: "key" (this rank's keys, in order) and "image" uint8 [N,C,H,W] (to be scaled to [0, 1]
+        on the device: `workers.unit_float_on`) or "mu", "log_sigma" float32 [N,κ]; N = global_batch /
+        world; in pinned memory with `pin_memory`. One epoch at a time: a new one starts after the last
+        has ended or been abandoned.
         """
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside 0..{self.steps_per_epoch}")
-        specs = self._rank_specs(epoch)
-        ep = _EpochSpec(kind=self.manifest["kind"], shape=tuple(self.manifest["shape"]), seed=self.seed,
-                        epoch=epoch, shuffle_buffer=self.cfg.shuffle_buffer, micro_batch=self.micro_batch,
-                        steps=self.steps_per_epoch, start_step=start_step,
-                        max_skipped=self.cfg.max_skipped_samples, decode=self.manifest.get("decode"))
-        return self._batches(specs, ep)
+        return self._batches(epoch, start_step)
 
-    def _batches(self, specs: list[_StreamSpec], ep: _EpochSpec) -> Iterator[dict]:
+    def _source(self) -> Iterator[dict]:
+        """The micro-batches of the epoch set in the dataset's control: from this process (workers=0) or
+        from the persistent worker processes (restarted on each call)."""
+        if self.cfg.workers == 0:
+            return iter(self._dataset)
+        if self._workers is None:
+            self._workers = DataLoader(self._dataset, batch_size=None, collate_fn=as_is,
+                                       num_workers=self.cfg.workers, prefetch_factor=self.cfg.prefetch_factor,
+                                       persistent_workers=True, multiprocessing_context=self.cfg.start_method,
+                                       worker_init_fn=ignore_stop_signals)
+            # Also at exit: the workers ignore SIGTERM (a preemption notice is the main process's to
+            # handle), so multiprocessing's exit handler, which terminates and joins them, would hang.
+            self._stop_workers = weakref.finalize(self, _stop_dataloader, self._workers)
+        return iter(self._workers)
+
+    def close(self) -> None:
+        """Stop the worker processes now (else when the loader is garbage-collected, or at exit)."""
+        if self._workers is not None:
+            self._stop_workers()
+            self._workers = None
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator[dict]:
+        ep = dataclasses.replace(self._dataset.plan.ep, epoch=epoch, start_step=start_step)
         if ep.start_step == ep.steps:
             return
-        dataset = _RankStreams(specs, ep)
-        if self.cfg.workers == 0:
-            source = iter(dataset)
-        else:
-            source = iter(DataLoader(dataset, batch_size=None, collate_fn=as_is, num_workers=self.cfg.workers,
-                                     prefetch_factor=self.cfg.prefetch_factor,
-                                     multiprocessing_context=self.cfg.start_method,
-                                     worker_init_fn=ignore_stop_signals))
+        self._dataset.control.copy_(torch.tensor([epoch, start_step]))
+        specs = self._dataset.plan.specs(epoch)
+        source = self._source()
         self.skipped = []
         skipped = 0
         record = self._recorder()
+        finished = False
         try:
             for step in range(ep.start_step, ep.steps):
                 parts = [_next_part(source, step, spec.index) for spec in specs]
@@ -395,16 +432,17 @@ class StreamLoader:
                         if skipped > ep.max_skipped:
                             raise DataError(f"loader: {skipped} bad samples this epoch on rank {self.rank}, more "
                                             f"than loader.max_skipped_samples={ep.max_skipped}; the last: {message}")
-                batch = _concat(parts)
+                batch = _concat(parts, self.pin_memory)
                 if record is not None:
                     record.write(json.dumps({"epoch": ep.epoch, "step": step, "keys": batch["key"]}) + "\n")
                     record.flush()
                 yield batch
+            finished = True
         finally:
             if record is not None:
                 record.close()
-            stop_workers(source)  # whether the epoch ended, failed or was abandoned
-
+            if not finished:  # failed or abandoned: workers mid-epoch are stopped, not reused
+                self.close()
 
     def _recorder(self) -> IO[str] | None:
         """The rank's key record, opened for appending (`record_keys`), or None."""
@@ -413,6 +451,10 @@ class StreamLoader:
         directory = self.cfg.record_keys.removeprefix("file://")
         os.makedirs(directory, exist_ok=True)
         return open(os.path.join(directory, f"rank-{self.rank}.jsonl"), "a")
+
+
+def _stop_dataloader(workers: DataLoader) -> None:
+    stop_workers(getattr(workers, "_iterator", None))
 
 
 def _next_part(source: Iterator[dict], step: int, stream: int) -> dict:
@@ -427,9 +469,20 @@ def _next_part(source: Iterator[dict], step: int, stream: int) -> dict:
     return part
 
 
-def _concat(parts: list[dict]) -> dict:
+def _concat(parts: list[dict], pin_memory: bool) -> dict:
+    """The rank's batch from its streams' micro-batches, as tensors: uint8 images (a quarter of the
+    bytes of floats to copy and to send to the device), written straight into pinned memory when
+    asked (the concatenation is the one copy), so the copy to the GPU is asynchronous."""
     batch: dict = {"key": [k for p in parts for k in p["key"]]}
     for name in ("image", "mu", "log_sigma"):
-        if name in parts[0]:
-            batch[name] = parts[0][name] if len(parts) == 1 else np.concatenate([p[name] for p in parts])
-    return _to_torch(batch)
+        if name not in parts[0]:
+            continue
+        arrays = [p[name] for p in parts]
+        if len(arrays) == 1 and not pin_memory:
+            batch[name] = torch.from_numpy(arrays[0])
+            continue
+        shape = (sum(len(a) for a in arrays), *arrays[0].shape[1:])
+        out = torch.empty(shape, dtype=torch.from_numpy(arrays[0][:0]).dtype, pin_memory=pin_memory)
+        np.concatenate(arrays, out=out.numpy())
+        batch[name] = out
+    return batch

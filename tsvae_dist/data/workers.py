@@ -25,6 +25,25 @@ def unit_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.divide(images, np.float32(255.0), dtype=np.float32))
 
 
+# unit_float's value of every uint8 level: the table `unit_float_on` looks up on the device.
+_UNIT_LEVELS = np.divide(np.arange(256, dtype=np.uint8), np.float32(255.0), dtype=np.float32)
+_unit_tables: dict[torch.device, torch.Tensor] = {}
+
+
+def unit_float_on(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images → float32 in [0, 1] on `device`, bit for bit `unit_float`'s values.
+
+    The uint8 tensor is copied (asynchronously from pinned memory), then scaled there by a 256-entry
+    table lookup: exact on any device, where a division by a scalar may not be (CUDA multiplies by the
+    scalar's reciprocal, which rounds differently for some levels).
+    """
+    table = _unit_tables.get(device)
+    if table is None:
+        table = _unit_tables[device] = torch.from_numpy(_UNIT_LEVELS).to(device)
+    levels = images.to(device, non_blocking=True)
+    return torch.index_select(table, 0, levels.reshape(-1).int()).reshape(levels.shape)
+
+
 def as_is(item: Any) -> Any:
     """The DataLoader's collate step: none (its default would turn numpy arrays into tensors)."""
     return item

@@ -23,7 +23,7 @@ from tsvae_dist import records, storage
 from tsvae_dist.config import RunConfig
 from tsvae_dist.data.prefetch import ShardPrefetcher
 from tsvae_dist.data.shardformat import encode_latent, manifest_url
-from tsvae_dist.data.workers import unit_float
+from tsvae_dist.data.workers import unit_float_on
 from tsvae_dist.data.writer import finish_dataset, write_shard
 from tsvae_dist.runtime import dist
 from tsvae_dist.runtime.preemption import Preempted, StopFlag
@@ -48,7 +48,7 @@ def encode_images(model: torch.nn.Module, images: np.ndarray, chunk: int, precis
         return np.zeros((0, kappa), np.float32), np.zeros((0, kappa), np.float32)
     mus, log_sigmas = [], []
     for start in range(0, len(images), chunk):
-        x = unit_float(images[start:start + chunk]).to(device, non_blocking=True)
+        x = unit_float_on(torch.from_numpy(images[start:start + chunk]), device)
         with precision.autocast(precision_name, device):
             mu, log_sigma = model.encode(x)
         mus.append(mu.float().cpu().numpy())

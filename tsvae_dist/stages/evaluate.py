@@ -27,7 +27,7 @@ from tsvae_dist import records, storage
 from tsvae_dist.config import RunConfig
 from tsvae_dist.data.prefetch import ShardPrefetcher, decode_image_shard, decode_image_shard_skipping
 from tsvae_dist.data.shardformat import manifest_url
-from tsvae_dist.data.workers import unit_float
+from tsvae_dist.data.workers import unit_float_on
 from tsvae_dist.fid.evaluator import TEST, FIDEvaluator
 from tsvae_dist.fid.stats import FeatureStats, frechet_distance
 from tsvae_dist.layout import TRAINING_STAGES
@@ -162,7 +162,7 @@ def _test_unit(cfg: RunConfig, device: torch.device, keys: list[str], images: np
     kappa = cfg.model.latent_dim
     for start in range(0, len(keys), cfg.eval.batch_size):
         part = keys[start:start + cfg.eval.batch_size]
-        x = unit_float(images[start:start + cfg.eval.batch_size]).to(device)
+        x = unit_float_on(torch.from_numpy(images[start:start + cfg.eval.batch_size]), device)
         with precision.autocast(cfg.stage1.precision, device):
             mu, log_sigma = stage1.encode(x)
             recon = stage1.decode(mu)
@@ -251,7 +251,7 @@ def _grids(cfg: RunConfig, data: dict[str, Any], stage1: torch.nn.Module, stage2
         keys, images, _ = decode_image_shard_skipping(cfg.dataset_root, first, list(data["shape"]), data.get("decode"))
     else:
         keys, images = decode_image_shard(cfg.dataset_root, first, list(data["shape"]), data.get("decode"))
-    x = unit_float(images[:max(1, n // 2)]).to(device)
+    x = unit_float_on(torch.from_numpy(images[:max(1, n // 2)]), device)
     with precision.autocast(cfg.stage1.precision, device):
         recon = stage1.decode(stage1.encode(x)[0])
     out = {"reconstructions": torch.cat([x.cpu(), recon.float().clamp(0, 1).cpu()])}

@@ -34,7 +34,8 @@ def run(cfg: RunConfig) -> str:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and for every world size
     model = build_stage1(cfg.model, cfg.dataset.channels, cfg.dataset.resolution, gamma=cfg.stage1.gamma)
     loader = StreamLoader(cfg.dataset_root, "train", global_batch=cfg.stage1.batch_size, rank=info.rank,
-                          world=info.world_size, cfg=cfg.stage1.loader, seed=cfg.seed)
+                          world=info.world_size, cfg=cfg.stage1.loader, seed=cfg.seed,
+                          pin_memory=info.device.type == "cuda")  # async copies to the GPU
     latent_dim = cfg.model.latent_dim
 
     def inputs(batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, ...]:

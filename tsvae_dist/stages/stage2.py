@@ -49,7 +49,8 @@ def run(cfg: RunConfig) -> str:
     torch.manual_seed(cfg.seed + 1)
     model = build_stage2(cfg.model, gamma=cfg.stage2.gamma)
     loader = StreamLoader(layout.latents, "train", global_batch=cfg.stage2.batch_size, rank=info.rank,
-                          world=info.world_size, cfg=cfg.stage2.loader, seed=cfg.seed)
+                          world=info.world_size, cfg=cfg.stage2.loader, seed=cfg.seed,
+                          pin_memory=info.device.type == "cuda")  # async copies to the GPU
     latent_dim = cfg.model.latent_dim
 
     def inputs(batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, ...]:

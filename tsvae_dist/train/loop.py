@@ -21,6 +21,7 @@ from torch import nn
 
 from tsvae_dist.config import TrainConfig
 from tsvae_dist.data.loader import StreamLoader
+from tsvae_dist.data.workers import unit_float_on
 from tsvae_dist.layout import RunLayout
 from tsvae_dist.models.sync_bn import convert_sync_batchnorm
 from tsvae_dist.runtime import dist
@@ -52,6 +53,13 @@ class TrainResult:
     steps: int  # optimizer steps taken in total
     last_metrics: dict[str, float]  # the last logged metrics line
     skipped_samples: int = 0  # bad samples all ranks skipped in this attempt (loader.max_skipped_samples)
+
+
+def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A model input on `device`: uint8 tensors are images, sent as bytes and scaled to [0, 1] there."""
+    if tensor.dtype == torch.uint8:
+        return unit_float_on(tensor, device)
+    return tensor.to(device, non_blocking=True)
 
 
 def batch_gpu(cfg: TrainConfig, world_size: int) -> int:
@@ -214,60 +222,63 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
     window_start = time.perf_counter()
     last_metrics: dict[str, float] = {}
     first_step = step
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        for batch in loader.epoch(epoch, start_step=step % steps_per_epoch):
-            lr = learning_rate(cfg, epoch, step)  # per step: warmup changes it within an epoch
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            # Agree on stopping before the step, so every rank stops at the same one; only every
-            # `stop_check_every_steps` steps, since the agreement is a host sync that stalls the device.
-            if step % cfg.stop_check_every_steps == 0:
-                stopping, save_due = agree(stop.is_set())
-                if stopping:
-                    save(commit=True)
-                    raise Preempted(f"{job.name}: stopped by {stop.signal_name or 'request'} at step {step}")
-                if save_due:
-                    save()
+    try:
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            for batch in loader.epoch(epoch, start_step=step % steps_per_epoch):
+                lr = learning_rate(cfg, epoch, step)  # per step: warmup changes it within an epoch
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                # Agree on stopping before the step, so every rank stops at the same one; only every
+                # `stop_check_every_steps` steps, since the agreement is a host sync that stalls the device.
+                if step % cfg.stop_check_every_steps == 0:
+                    stopping, save_due = agree(stop.is_set())
+                    if stopping:
+                        save(commit=True)
+                        raise Preempted(f"{job.name}: stopped by {stop.signal_name or 'request'} at step {step}")
+                    if save_due:
+                        save()
 
-            # One optimizer step.
-            inputs = [precision.to_memory_format(t.to(info.device, non_blocking=True), memory_format)
-                      for t in job.inputs(batch, epoch)]
-            optimizer.zero_grad(set_to_none=True)
-            if rounds == 1:
-                with precision.autocast(amp, info.device):
-                    terms = model(*inputs)
-                scaler.scale(terms["loss"]).backward()
-            else:
-                terms = accumulate(model, inputs, rounds, amp, info.device, scaler)
-            replicas.sync()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            if step == first_step + 1:  # warm-up is over: a peer that stops answering now has failed
-                dist.shorten_timeout(info)
+                # One optimizer step.
+                inputs = [precision.to_memory_format(on_device(t, info.device), memory_format)
+                          for t in job.inputs(batch, epoch)]
+                optimizer.zero_grad(set_to_none=True)
+                if rounds == 1:
+                    with precision.autocast(amp, info.device):
+                        terms = model(*inputs)
+                    scaler.scale(terms["loss"]).backward()
+                else:
+                    terms = accumulate(model, inputs, rounds, amp, info.device, scaler)
+                replicas.sync()
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                if step == first_step + 1:  # warm-up is over: a peer that stops answering now has failed
+                    dist.shorten_timeout(info)
 
-            # Metrics: averaged over the window's steps and over ranks.
-            window.add(terms)
-            if bar is not None:
-                bar.update(cfg.batch_size)
-            if step % cfg.log_every_steps == 0 or step == total_steps:
-                elapsed, window_steps = time.perf_counter() - window_start, window.steps
-                last_metrics = window.read(info.world_size)
-                last_metrics.update(
-                    lr=lr, epoch=epoch, samples=step * cfg.batch_size,
-                    samples_per_s=window_steps * cfg.batch_size / max(elapsed, 1e-9),
-                )
-                metrics_log.write(step, last_metrics)
-                if not math.isfinite(last_metrics["loss"]):
-                    raise FloatingPointError(f"{job.name}: loss is {last_metrics['loss']} near step {step}")
+                # Metrics: averaged over the window's steps and over ranks.
+                window.add(terms)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{last_metrics['loss']:.4g}", gamma=f"{last_metrics.get('gamma', 0):.3g}")
-                window_start = time.perf_counter()
+                    bar.update(cfg.batch_size)
+                if step % cfg.log_every_steps == 0 or step == total_steps:
+                    elapsed, window_steps = time.perf_counter() - window_start, window.steps
+                    last_metrics = window.read(info.world_size)
+                    last_metrics.update(
+                        lr=lr, epoch=epoch, samples=step * cfg.batch_size,
+                        samples_per_s=window_steps * cfg.batch_size / max(elapsed, 1e-9),
+                    )
+                    metrics_log.write(step, last_metrics)
+                    if not math.isfinite(last_metrics["loss"]):
+                        raise FloatingPointError(f"{job.name}: loss is {last_metrics['loss']} near step {step}")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_metrics['loss']:.4g}", gamma=f"{last_metrics.get('gamma', 0):.3g}")
+                    window_start = time.perf_counter()
 
-            # Checkpoint.
-            if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
-                save(commit=step == total_steps)
+                # Checkpoint.
+                if step % cfg.checkpoint_every_steps == 0 or step == total_steps:
+                    save(commit=step == total_steps)
+    finally:
+        job.loader.close()  # its worker processes: now, not when the garbage collector gets to them
     if bar is not None:
         bar.close()
     metrics_log.close()
