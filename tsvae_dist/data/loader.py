@@ -409,10 +409,10 @@ class StreamLoader:
             self._workers = None
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[dict]:
-        ep = dataclasses.replace(self._dataset.plan.ep, epoch=epoch, start_step=start_step)
-        if ep.start_step == ep.steps:
+        if start_step == self.steps_per_epoch:
             return
         self._dataset.control.copy_(torch.tensor([epoch, start_step]))
+        ep = self._dataset.epoch_spec()  # what the workers will read
         specs = self._dataset.plan.specs(epoch)
         source = self._source()
         self.skipped = []
