@@ -2,8 +2,9 @@
 with slow checkpoint storage, each rank's optimizer-step times recorded.
 
 A checkpoint write at `hold_from_samples` samples or more sleeps `delay_s` before writing (the file
-`<out>.writing` says one is in flight); each rank writes the wall-clock time of every optimizer
-step, as a JSON list, to `<out>.<rank>` at the end.
+`<out>.writing` says one is in flight, and `<out>.writes` gets a JSON line `[samples, start, end]` when
+it has finished); each rank writes the time of every optimizer step, as a JSON list, to `<out>.<rank>`
+at the end. All times are `time.monotonic()`: one clock for every process on the machine.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ if __name__ == "__main__":
         samples = checkpoint_samples(url.rsplit("/", 1)[-1])
         if samples is not None and samples >= hold_from:
             Path(f"{out}.writing").write_text(url)
+            start = time.monotonic()
             time.sleep(delay)
+            write(url, data)
+            with open(f"{out}.writes", "a") as f:
+                f.write(json.dumps([samples, start, time.monotonic()]) + "\n")
+            return
         write(url, data)
 
     storage.write_bytes_atomic = slow_write
