@@ -103,7 +103,8 @@ class TimedMemoryLoader:
         for i in range(start_step, self.steps_per_epoch):
             self.requested.append(time.perf_counter())
             sl = slice(i * self.batch, (i + 1) * self.batch)
-            yield {"image": self.images[sl], "key": torch.arange(sl.start, sl.stop)}
+            # Keys are text, as the shards' `__key__` values are (keyed_normal hashes their str()).
+            yield {"image": self.images[sl], "key": [f"{j:08d}" for j in range(sl.start, sl.stop)]}
 
     def close(self) -> None:
         pass  # no worker processes

@@ -2,8 +2,9 @@
 
 A stage hands over a model whose forward returns its loss terms, a deterministic loader and a
 function that turns a batch into model inputs; `train` does the rest: data parallelism with a
-gradient sum in one fixed order (`replicas.py`: a resume is bit-exact on any world size), mixed
-precision, the paper's Adam step schedule, checkpoints with exact resume, preemption, metrics.
+gradient sum in one fixed order that overlaps the backward pass (`replicas.py`: a resume is bit-exact
+on any world size), mixed precision, the paper's Adam step schedule, checkpoints with exact resume,
+preemption, metrics.
 """
 
 from __future__ import annotations
@@ -103,14 +104,17 @@ def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0) -> float:
 
 
 def accumulate(model: nn.Module, inputs: list[torch.Tensor], rounds: int, amp: str, device: torch.device,
-               scaler: torch.amp.GradScaler) -> dict[str, torch.Tensor]:
+               scaler: torch.amp.GradScaler, before_last_backward: Callable[[], None] = lambda: None,
+               ) -> dict[str, torch.Tensor]:
     """Gradient accumulation: forward/backward over `rounds` equal slices of the rank's batch, each loss
     weighted 1/rounds, so the gradient is the mean-loss one of the whole batch. The loss terms returned
     are the rounds' means (detached), as one pass over the batch would report them."""
     total: dict[str, torch.Tensor] = {}
-    for part in zip(*(t.chunk(rounds) for t in inputs), strict=True):
+    for i, part in enumerate(zip(*(t.chunk(rounds) for t in inputs), strict=True)):
         with precision.autocast(amp, device):
             terms = model(*part)
+        if i == rounds - 1:
+            before_last_backward()  # e.g. start sending gradient buckets as they are final
         scaler.scale(terms["loss"] / rounds).backward()
         for k, v in terms.items():
             total[k] = total.get(k, 0) + v.detach() / rounds
@@ -246,9 +250,10 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
                 if rounds == 1:
                     with precision.autocast(amp, info.device):
                         terms = model(*inputs)
+                    replicas.expect_backward()  # gradient buckets go on the wire while backward runs
                     scaler.scale(terms["loss"]).backward()
                 else:
-                    terms = accumulate(model, inputs, rounds, amp, info.device, scaler)
+                    terms = accumulate(model, inputs, rounds, amp, info.device, scaler, replicas.expect_backward)
                 replicas.sync()
                 scaler.step(optimizer)
                 scaler.update()
@@ -279,6 +284,7 @@ def train(job: TrainJob, cfg: TrainConfig, info: dist.DistInfo, stop: StopFlag |
                     save(commit=step == total_steps)
     finally:
         job.loader.close()  # its worker processes: now, not when the garbage collector gets to them
+        replicas.close()
     if bar is not None:
         bar.close()
     metrics_log.close()
