@@ -85,6 +85,7 @@ def _waiting_rank(rank: int, init_file: str, out_dir: str) -> None:
     os._exit(0)  # no teardown collective with the stuck peer
 
 
+@pytest.mark.integration  # starts processes
 def test_after_the_first_step_a_rank_waiting_for_a_stuck_peer_fails_within_the_short_timeout(tmp_path) -> None:
     mp.spawn(_waiting_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     outcome, took = (tmp_path / "rank0").read_text().rsplit(" ", 1)

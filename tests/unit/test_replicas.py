@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 
+import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
@@ -118,5 +119,6 @@ def _rank(rank: int, init_file: str) -> None:
     torch_dist.destroy_process_group()
 
 
+@pytest.mark.integration  # starts processes
 def test_three_ranks_overlap_backward_and_sum_in_one_order(tmp_path) -> None:
     mp.spawn(_rank, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
