@@ -11,6 +11,11 @@ included) to the local server. Pass `s3_storage_options(env)` to fsspec/s3fs, or
 
 When the cluster cannot come up, the fixtures fail with the script's output; they never skip
 (CI installs the packages first with launch/install_cluster_deps.sh).
+
+What a test session starts it stops at the end (`stop_started`, from tests/conftest.py), so that
+`make test` leaves no daemons holding the cluster's ports (another checkout's tests need them). A
+cluster that was already running (`make cluster-up`) is left running, and so is everything with
+TSVAE_KEEP_DEV_CLUSTER=1 (quicker reruns: the next session finds it up).
 """
 
 from __future__ import annotations
@@ -29,6 +34,17 @@ DEV_CLUSTER = REPO / "launch" / "dev_cluster.sh"
 UP_TIMEOUT_S = 300
 
 _started: dict[tuple[bool, bool], dict[str, str]] = {}
+_to_stop: list[list[str]] = []  # the selection flags of what this process brought up from stopped
+
+
+def _flags(slurm: bool, s3: bool) -> list[str]:
+    return ([] if slurm else ["--no-slurm"]) + ([] if s3 else ["--no-s3"])
+
+
+def _running(flags: list[str]) -> bool:
+    """Whether any daemon of the selection runs already (`dev_cluster.sh status` exits 0)."""
+    proc = subprocess.run(["bash", str(DEV_CLUSTER), "status", *flags], capture_output=True, cwd=REPO)
+    return proc.returncode == 0
 
 
 class DevClusterError(RuntimeError):
@@ -56,11 +72,10 @@ def ensure_dev_cluster(slurm: bool = True, s3: bool = True) -> dict[str, str]:
     """
     key = (slurm, s3)
     if key not in _started:
-        cmd = ["bash", str(DEV_CLUSTER), "up"]
-        if not slurm:
-            cmd.append("--no-slurm")
-        if not s3:
-            cmd.append("--no-s3")
+        flags = _flags(slurm, s3)
+        cmd = ["bash", str(DEV_CLUSTER), "up", *flags]
+        if not _running(flags):
+            _to_stop.append(flags)  # even if `up` fails half-way: stop what it did start
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=UP_TIMEOUT_S, cwd=REPO)
         except subprocess.TimeoutExpired as e:
@@ -79,6 +94,16 @@ def ensure_dev_cluster(slurm: bool = True, s3: bool = True) -> dict[str, str]:
             raise DevClusterError(f"{' '.join(cmd)} printed no {', '.join(missing)}:\n{proc.stdout}\n{proc.stderr}")
         _started[key] = env
     return dict(_started[key])
+
+
+def stop_started() -> None:
+    """`dev_cluster.sh down` for what this process started (unless TSVAE_KEEP_DEV_CLUSTER is set)."""
+    if os.environ.get("TSVAE_KEEP_DEV_CLUSTER"):
+        return
+    while _to_stop:
+        subprocess.run(["bash", str(DEV_CLUSTER), "down", *_to_stop.pop()], capture_output=True, cwd=REPO,
+                       timeout=UP_TIMEOUT_S)
+    _started.clear()
 
 
 def s3_storage_options(env: dict[str, str]) -> dict:
