@@ -24,17 +24,16 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from science_gamma import diagnostics, run_stages  # this folder's sibling: one way to run and read a pipeline
 
 from tsvae_dist.cli import compose
 from tsvae_dist.fid.stats import frechet_distance
 from tsvae_dist.models.sampling import sample_images
-from tsvae_dist.stages import encode, evaluate, stage1, stage2
 from tsvae_dist.stages._common import load_trained as load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,21 +131,9 @@ def main() -> None:
                    f"dataset.resolution={RESOLUTION}", *SCHEDULE, f"eval.num_test={len(labels['test'])}",
                    f"eval.num_samples={len(labels['test'])}", "stage1.progress_bar=false", "stage2.progress_bar=false",
                    "eval.fid=off", "eval.workers=0", *args.overrides])
-    times = {}
-    for name, mod in (("stage1", stage1), ("encode", encode), ("stage2", stage2), ("evaluate", evaluate)):
-        start = time.perf_counter()
-        mod.run(cfg)
-        times[name] = round(time.perf_counter() - start, 1)
-    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
-    rows = [json.loads(ln) for ln in (run_dir / "stage2" / "metrics.jsonl").read_text().splitlines()]
-    result = {
-        "overrides": args.overrides, "seconds": times, "images": {k: len(v) for k, v in labels.items()},
-        "gamma_x": report["gamma_x"], "sqrt_mse": report["reconstruction_mse"] ** 0.5,
-        "active_dims": report["active_dims"]["count"], "frechet_z": report["frechet_to_prior"]["z"],
-        "frechet_u": report["frechet_to_prior"]["u"], "gamma_z": report["gamma_z"], "stage2_kl": rows[-1]["kl"],
-        "convergence_warning": (report.get("stage1_convergence") or {}).get("warning"),
-        "yardstick": yardstick(cfg, labels),
-    }
+    times = run_stages(cfg)
+    result = {"overrides": args.overrides, "seconds": times, "images": {k: len(v) for k, v in labels.items()},
+              **diagnostics(run_dir), "yardstick": yardstick(cfg, labels)}
     (run_dir / "science.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -114,25 +114,37 @@ def main() -> None:
             shutil.copytree(Path(args.reuse_stage1) / sub, run_dir / sub, dirs_exist_ok=True)
     cfg = compose([f"run_dir={run_dir}", f"dataset.root={args.data_root}", "stage1.progress_bar=false",
                    "stage2.progress_bar=false", "eval.fid=off", "eval.workers=0", *args.overrides])
+    times = run_stages(cfg, STAGES[2:] if args.reuse_stage1 else STAGES)  # reused: stage 1 and latents done
+    result = {"overrides": args.overrides, "seconds": times, **diagnostics(run_dir), "yardstick": yardstick(cfg)}
+    (run_dir / "science.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+STAGES = (("stage1", stage1), ("encode", encode), ("stage2", stage2), ("evaluate", evaluate))
+
+
+def run_stages(cfg, stages=STAGES) -> dict[str, float]:
+    """Run the stages in this process, in order; seconds per stage."""
     times = {}
-    stages = (("stage1", stage1), ("encode", encode), ("stage2", stage2), ("evaluate", evaluate))
-    for name, mod in stages[2:] if args.reuse_stage1 else stages:  # reused stage 1 and latents are done
+    for name, mod in stages:
         start = time.perf_counter()
         mod.run(cfg)
         times[name] = round(time.perf_counter() - start, 1)
+    return times
+
+
+def diagnostics(run_dir: Path) -> dict:
+    """The report's γ, active dims and distances to N(0, I), and stage 2's last logged terms."""
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
     rows = [json.loads(ln) for ln in (run_dir / "stage2" / "metrics.jsonl").read_text().splitlines()]
-    result = {
-        "overrides": args.overrides, "seconds": times,
+    return {
         "gamma_x": report["gamma_x"], "sqrt_mse": report["reconstruction_mse"] ** 0.5,
         "active_dims": report["active_dims"]["count"], "frechet_z": report["frechet_to_prior"]["z"],
         "frechet_u": report["frechet_to_prior"]["u"], "gamma_z": report["gamma_z"],
         "stage2_kl": rows[-1]["kl"], "stage2_mse": rows[-1].get("mse"),
         "posterior_variance": [round(v, 4) for v in report["active_dims"]["posterior_variance"]],
-        "yardstick": yardstick(cfg),
+        "convergence_warning": (report.get("stage1_convergence") or {}).get("warning"),
     }
-    (run_dir / "science.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
